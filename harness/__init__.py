@@ -1,0 +1,1 @@
+"""boltzbench harness: budgets, records, metrics, grids, the training loop, dispatch and reporting."""

@@ -1,0 +1,8 @@
+"""The method registry. ``PLANNED`` lists every method the benchmark covers, registered or not yet."""
+
+from harness.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+#: every method key the grids expect; ones not (yet) registered are reported as missing by --dry-run
+PLANNED: tuple[str, ...] = ("dds", "pis", "fab", "idem", "nem", "bnem", "mcmc", "pt")

@@ -1,0 +1,76 @@
+"""GMM-40: the 2-D mixture of 40 isotropic Gaussians of FAB / iDEM / NEM / BNEM.
+
+Construction (fab-torch ``GMM(dim=2, n_mixes=40, loc_scaling=40, log_var_scaling=1.0)`` after
+``torch.manual_seed(0)``): means = (rand(40, 2) − 0.5)·2·40, per-dimension std softplus(1) = 1.3132616,
+equal weights, *normalised* density. We draw the means from a private generator seeded with 0, which gives
+the same CPU mt19937 stream as ``torch.manual_seed(0); torch.rand(40, 2)`` without touching the global RNG (drawn in float32 whatever the default dtype:
+a float64 draw gives a different stream).
+fab-torch also sets log p = −inf below −1e4 (|x − μ| ≳ 186 from every mean); we keep the smooth density
+there (finite gradients) — it only differs far outside the [−50, 50]² box any method samples in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from targets.base import Target
+from targets.registry import TARGETS
+
+
+def gmm40_means() -> Tensor:
+    """The 40 means [40, 2] (float64), identical to ``torch.manual_seed(0); (rand(40,2)-0.5)*2*40``."""
+    g = torch.Generator().manual_seed(0)
+    return ((torch.rand(40, 2, generator=g, dtype=torch.float32) - 0.5) * 2 * 40).double()
+
+
+@TARGETS.register("gmm40")
+class GMM40(Target):
+    name = "gmm40"
+    display_name = "GMM-40"
+    length_scale = 50.0  # iDEM's data_normalization_factor: methods work in x / 50
+    splits = ("test", "val", "train")
+
+    def __init__(self, n_modes: int = 40, loc_scaling: float = 40.0) -> None:
+        if n_modes != 40 or loc_scaling != 40.0:
+            raise ValueError("GMM-40 is defined with n_modes=40, loc_scaling=40 only")
+        self.dim = 2
+        self.n_modes = 40
+        self.means = gmm40_means()  # [40, 2] float64
+        self.std = float(F.softplus(torch.tensor(1.0, dtype=torch.float64)))  # 1.3132616...
+        self._cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def _means(self, x: Tensor) -> Tensor:
+        key = (x.dtype, x.device)
+        if key not in self._cache:
+            self._cache[key] = self.means.to(dtype=x.dtype, device=x.device)
+        return self._cache[key]
+
+    def _log_norm(self) -> float:
+        return -math.log(self.n_modes) - 0.5 * self.dim * math.log(2 * math.pi * self.std**2)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Per-component log N(x; μ_k, s²I) − log 40 without the constant: [B, 40]."""
+        d2 = ((x.unsqueeze(-2) - self._means(x)) ** 2).sum(-1)
+        return -0.5 * d2 / self.std**2
+
+    def _energy(self, x: Tensor) -> Tensor:
+        return -(torch.logsumexp(self._logits(x), dim=-1) + self._log_norm())
+
+    def _energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.detach()
+        logits = self._logits(x)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        w = torch.exp(logits - lse)  # responsibilities [B, 40]
+        # ∇E = Σ_k w_k (x − μ_k) / s² = (x − Σ_k w_k μ_k) / s²
+        grad = (x - w @ self._means(x)) / self.std**2
+        return -(lse.squeeze(-1) + self._log_norm()), grad
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Exact samples [n, 2] (float32): component uniformly, then Gaussian noise."""
+        k = torch.randint(0, self.n_modes, (n,), generator=generator)
+        eps = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.std * eps).float()
