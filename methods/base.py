@@ -33,6 +33,22 @@ class MethodConfig:
     """
 
     PER_TARGET: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: grid presets: grid name -> target key (or "*" for every target) -> config overrides, e.g. a smaller K
+    #: and batch for `smoke`. The method owner keeps them here; the harness applies them (same code path).
+    PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    #: suggested budgets: grid name -> target key (or "*") -> Budget fields; the harness may override them
+    BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+
+    @classmethod
+    def preset(cls, grid: str, target_name: str) -> dict[str, Any]:
+        """Config overrides for a grid cell: the "*" entry updated by the target's entry."""
+        g = cls.PRESETS.get(grid, {})
+        return {**g.get("*", {}), **g.get(target_name, {})}
+
+    @classmethod
+    def suggested_budget(cls, grid: str, target_name: str) -> dict[str, Any]:
+        g = cls.BUDGETS.get(grid, {})
+        return {**g.get("*", {}), **g.get(target_name, {})}
 
     @classmethod
     def field_names(cls) -> list[str]:
