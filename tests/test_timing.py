@@ -28,7 +28,7 @@ def make_record(
     grid: str = GRID,
 ) -> RunRecord:
     """``checkpoints``: (step, train_seconds, training energy evals, x_w2) in order. Sampling at each
-    checkpoint adds ``sample_evals_each`` evaluations and ``sample_seconds_each`` seconds (cumulative in usage)."""
+    checkpoint adds ``sample_evals_each`` evaluations and ``sample_seconds_each`` s (cumulative)."""
     evals = []
     n = len(checkpoints)
     for i, (step, secs, tr_evals, w2) in enumerate(checkpoints, start=1):
