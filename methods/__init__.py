@@ -17,3 +17,4 @@ def names() -> list[str]:
     return METHODS.names()
 
 # --- method modules: one import line each (keep this block at the end of the file) ---
+from methods import fab  # noqa: F401
