@@ -1,0 +1,112 @@
+"""Micro-benchmarks of the samplers (``make bench``): one training step at each method's ``paper`` settings
+and drawing 1000 samples, per target.
+
+Parametrised at collection time over ``methods.PLANNED`` ∪ the registered methods (unregistered ones are
+skipped with a reason) and over the targets chosen by ``--bench-targets`` (default on CPU: gmm40, dw4 —
+paper-setting LJ-13 / LJ-55 runs take minutes per call on a 2-core CPU; ``--bench-targets all`` for every
+target; on ``--device cuda`` all targets). ``--bench-methods`` restricts the methods.
+
+``paper`` settings: ``M.Config.for_target(t, **M.Config.preset("paper", t))``, exactly what the ``paper`` grid
+runs. A training-step benchmark first runs ``WARMUP_STEPS`` steps untimed (initial buffer fills, AIS step-size
+adaptation), then times ``--bench-rounds`` single steps: methods with outer-loop work every few steps (buffer
+refresh, AIS) show it as spread between rounds, and the timing tables of real runs (``python -m
+harness.timing``, ``s / step``) give the amortised cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import methods
+import targets
+from harness.budget import CountingTarget
+
+CPU_DEFAULT_TARGETS = ("gmm40", "dw4")
+WARMUP_STEPS = 2
+N_SAMPLES = 1000
+
+
+def _chosen(
+    config: pytest.Config, option: str, available: list[str], cpu_default: tuple[str, ...]
+) -> list[str]:
+    raw = config.getoption(option, default=None)
+    if raw is None:
+        on_cpu = config.getoption("device", default="cpu") == "cpu"
+        return [k for k in available if k in cpu_default] if on_cpu and cpu_default else list(available)
+    if raw.strip() == "all":
+        return list(available)
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in available]
+    if unknown:
+        raise pytest.UsageError(f"{option}: unknown {unknown}; valid: {', '.join(available)} or all")
+    return keys
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    cfg = metafunc.config
+    if "target_name" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "target_name", _chosen(cfg, "bench_targets", targets.names(), CPU_DEFAULT_TARGETS)
+        )
+    if "method_name" in metafunc.fixturenames:
+        registered = methods.names()
+        planned = list(dict.fromkeys([*methods.PLANNED, *registered]))
+        keys = _chosen(cfg, "bench_methods", planned, ())
+        params = [
+            pytest.param(
+                k, marks=() if k in registered else pytest.mark.skip(reason=f"method {k!r} not registered")
+            )
+            for k in keys
+        ]
+        metafunc.parametrize("method_name", params)
+
+
+def paper_config(method_name: str, target_name: str) -> Any:
+    M = methods.get(method_name)
+    return M.Config.for_target(target_name, **M.Config.preset("paper", target_name))
+
+
+def build(method_name: str, target_name: str, device: torch.device, seed: int = 0) -> Any:
+    """A fresh method at its paper settings on a counted target, with a seeded generator on ``device``."""
+    M = methods.get(method_name)
+    counted = CountingTarget(targets.get(target_name))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return M(counted, paper_config(method_name, target_name), device, gen)
+
+
+def test_train_step(
+    method_name: str, target_name: str, bench_device: torch.device, timed: Any, benchmark: Any
+) -> None:
+    m = build(method_name, target_name, bench_device)
+    for _ in range(WARMUP_STEPS):
+        m.train_step()
+    before = m.target.usage.energy_evals
+    logs = timed(m.train_step, pedantic=True, warmup_rounds=0)
+    assert isinstance(logs, dict)
+    rounds = benchmark.stats.stats.rounds if getattr(benchmark, "stats", None) else 1
+    benchmark.extra_info.update(
+        {
+            "energy_evals_per_step": (m.target.usage.energy_evals - before) / max(rounds, 1),
+            "config": {k: v for k, v in m.config.to_dict().items() if isinstance(v, (int, float, str, bool))},
+        }
+    )
+
+
+def test_sample_1000(
+    method_name: str, target_name: str, bench_device: torch.device, timed: Any, benchmark: Any
+) -> None:
+    m = build(method_name, target_name, bench_device)
+    m.train_step()  # some methods need one step (buffers, flow initialisation) before sampling
+    counted = m.target
+
+    def draw() -> torch.Tensor:
+        with counted.sampling():
+            return m.sample(N_SAMPLES)
+
+    before = counted.usage.sample_energy_evals
+    x = timed(draw, pedantic=True, rounds=1, warmup_rounds=0)
+    assert x.shape == (N_SAMPLES, counted.dim)
+    benchmark.extra_info["sample_energy_evals"] = counted.usage.sample_energy_evals - before
