@@ -18,3 +18,4 @@ def names() -> list[str]:
 
 # --- method modules: one import line each (keep this block at the end of the file) ---
 from methods import fab  # noqa: F401
+from methods import nem  # noqa: F401
