@@ -8,6 +8,14 @@ Counting rules (one "evaluation" = one configuration, i.e. one row of a batch):
   through the energy, e.g. PIS/DDS terminal costs), +B gradient evaluations as well (counted conservatively).
 - ``energy_and_grad(x)`` / ``score(x)``: +B energy and +B gradient evaluations.
 - ``interatomic_distances``, ``reference`` etc. are not energy evaluations and are not counted.
+
+Budget rule: the ``energy_evals`` limit applies to *training* evaluations, ``Usage.train_energy_evals`` =
+``energy_evals − sample_energy_evals``. Evaluations spent inside ``with counted.sampling(): method.sample(n)``
+at the harness's evaluation points are counted and reported (``sample_energy_evals``) but do not consume the
+training budget, so the number of evaluation points and their sample size never change how long a method
+trains. The ``wall_seconds`` limit likewise applies to ``train_seconds`` (time inside ``train_step``).
+Limits are checked between optimiser steps: a step that crosses the energy limit completes, so a run may
+overshoot by at most one step's evaluations (the record holds the exact counts).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from torch import Tensor
 from targets.base import Target
 
 
-class BudgetExhausted(RuntimeError):
+class BudgetExhausted(RuntimeError):  # noqa: N818  (name fixed by the design)
     """Raised by a ``CountingTarget`` with a hard limit when an evaluation would exceed it."""
 
 
@@ -39,12 +47,18 @@ class Budget:
             raise ValueError("a Budget needs at least one of energy_evals, wall_seconds, steps")
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is not None and v <= 0:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"Budget.{f.name} must be a number or None, got {v!r}")
+            if f.name in ("energy_evals", "steps") and int(v) != v:
+                raise ValueError(f"Budget.{f.name} must be an integer, got {v!r}")
+            if v <= 0:
                 raise ValueError(f"Budget.{f.name} must be positive, got {v}")
 
     def exhausted(self, usage: Usage) -> str | None:
         """The name of the first exhausted limit ("energy_evals", "wall_seconds", "steps") or None."""
-        if self.energy_evals is not None and usage.energy_evals >= self.energy_evals:
+        if self.energy_evals is not None and usage.train_energy_evals >= self.energy_evals:
             return "energy_evals"
         if self.wall_seconds is not None and usage.train_seconds >= self.wall_seconds:
             return "wall_seconds"
@@ -56,7 +70,7 @@ class Budget:
         """Fraction of the budget used (max over the set limits), in [0, ∞)."""
         fr = []
         if self.energy_evals is not None:
-            fr.append(usage.energy_evals / self.energy_evals)
+            fr.append(usage.train_energy_evals / self.energy_evals)
         if self.wall_seconds is not None:
             fr.append(usage.train_seconds / self.wall_seconds)
         if self.steps is not None:
@@ -66,11 +80,17 @@ class Budget:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``steps=5, wall_seconds=4``."""
+        return ", ".join(f"{k}={v:g}" for k, v in asdict(self).items() if v is not None)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Budget:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown budget keys {sorted(unknown)}; valid: energy_evals, wall_seconds, steps")
+            raise ValueError(
+                f"unknown budget keys {sorted(unknown)}; valid: energy_evals, wall_seconds, steps"
+            )
         return cls(**d)
 
 
@@ -86,8 +106,21 @@ class Usage:
     sample_energy_evals: int = 0  # evaluations spent inside method.sample (already in energy_evals)
     network_evals: int = 0  # optional: methods may report network forward passes (configurations)
 
+    @property
+    def train_energy_evals(self) -> int:
+        """Energy evaluations spent in training (what the ``energy_evals`` budget limits)."""
+        return self.energy_evals - self.sample_energy_evals
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["train_energy_evals"] = self.train_energy_evals
+        return d
+
+    def load(self, d: dict[str, Any]) -> None:
+        """Overwrite the counters in place from ``to_dict`` output (a CountingTarget keeps this object)."""
+        for f in fields(self):
+            if f.name in d:
+                setattr(self, f.name, type(getattr(self, f.name))(d[f.name]))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Usage:

@@ -1,0 +1,382 @@
+"""Named grids (Python, no YAML): ``expand(name, ...) -> Expansion`` with one ``RunSpec`` per
+(target, method, replicate) cell.
+
+Grids (budget numbers are the harness defaults; a method's ``Config.suggested_budget(grid, target)`` is merged
+over them where the grid allows it, and ``--set budget.<field>=...`` over both):
+
+=============  =====================  ========  ==============================================================
+grid           targets                seeds     budget per cell
+=============  =====================  ========  ==============================================================
+smoke          all                    1         steps=3, wall_seconds=4 (method may suggest); 64 eval samples
+cpu            gmm40, dw4             3         wall_seconds=900 (method may suggest steps / evals)
+paper          all                    1         the method's published budget (``BUDGETS["paper"]``)
+full           all                    3         as paper
+equal-evals    all                    3         training energy evaluations: gmm40 2.56e9, dw4 5.12e9,
+                                                lj13 5.12e9, lj55 2.56e8 (1/10 of iDEM's own budget,
+                                                batch x K x steps), wall-clock cap 12 h; same for every method
+=============  =====================  ========  ==============================================================
+
+Seeds: ``derive_seed(grid_seed, target, method, replicate)`` = the first 4 bytes (little endian) of
+SHA-256("{grid_seed}:{target}:{method}:{replicate}") masked to 31 bits. Every grid uses grid seed 0, so a
+cell has the same seed in every grid.
+
+Config presets: a cell's config overrides are the method's ``Config.preset(p, target)`` for each preset name
+``p`` of the grid (``full`` and ``equal-evals`` use the ``paper`` presets, then their own), then the
+command-line ``--set method.key=value`` overrides, parsed with the field's type and validated by
+``Config.for_target``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.budget import Budget
+from harness.records import RunSpec
+
+GRID_SEED = 0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A named set of cells and how to budget them."""
+
+    name: str
+    description: str
+    targets: tuple[str, ...] | None  # None: every registered target
+    replicates: int = 1
+    seed: int = GRID_SEED
+    #: harness default budget: target key (or "*") -> Budget fields
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: whether the method's suggested budget (for ``budget_grid``) is merged over the default
+    method_budgets: bool = True
+    budget_grid: str | None = None  # which grid name to ask methods for budgets (default: own name)
+    preset_grids: tuple[str, ...] | None = None  # method preset names merged in order (default: own name)
+    eval_fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
+    n_eval_samples: int | None = None  # None: the protocol's sizes
+    protocol: str = "boltzbench"
+    time_limit_min: int = 60  # default SLURM time limit per cell when the budget has no wall-clock limit
+
+    def default_budget(self, target: str) -> dict[str, Any]:
+        return dict(self.budgets.get(target, self.budgets.get("*", {})))
+
+
+#: equal-evals energy budgets (training energy evaluations per run): 1/10 of what iDEM's published configs
+#: spend (batch x K x optimiser steps: gmm40 256k x 1e5, dw4/lj13 512k x 1e5, lj55 12.8k x 2e5)
+EQUAL_EVALS = {"gmm40": 2_560_000_000, "dw4": 5_120_000_000, "lj13": 5_120_000_000, "lj55": 256_000_000}
+
+GRIDS: dict[str, Grid] = {
+    g.name: g
+    for g in (
+        Grid(
+            "smoke",
+            "every method x every target, tiny budgets: proves the plumbing in minutes on a CPU",
+            targets=None,
+            budgets={"*": {"steps": 3, "wall_seconds": 4.0}},
+            eval_fractions=(0.5, 1.0),
+            n_eval_samples=64,
+            time_limit_min=10,
+        ),
+        Grid(
+            "cpu",
+            "GMM-40 and DW-4, budgets that give meaningful numbers on a CPU (15 min of training per cell)",
+            targets=("gmm40", "dw4"),
+            replicates=3,
+            budgets={"*": {"wall_seconds": 900.0}},
+            time_limit_min=40,
+        ),
+        Grid(
+            "paper",
+            "each method at its paper's settings (steps, batch sizes, K, ...), every target, one seed",
+            targets=None,
+            budgets={"*": {"wall_seconds": 172800.0}},
+            time_limit_min=2880,
+        ),
+        Grid(
+            "full",
+            "paper x every target x 3 seeds: what goes to SLURM",
+            targets=None,
+            replicates=3,
+            budgets={"*": {"wall_seconds": 172800.0}},
+            budget_grid="paper",
+            preset_grids=("paper", "full"),
+            time_limit_min=2880,
+        ),
+        Grid(
+            "equal-evals",
+            "every method under the same training energy-evaluation budget per target",
+            targets=None,
+            replicates=3,
+            budgets={t: {"energy_evals": n, "wall_seconds": 43200.0} for t, n in EQUAL_EVALS.items()},
+            method_budgets=False,
+            preset_grids=("paper", "equal-evals"),
+            time_limit_min=780,
+        ),
+    )
+}
+
+
+def names() -> list[str]:
+    return list(GRIDS)
+
+
+def get(name: str) -> Grid:
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; valid grids: {', '.join(GRIDS)}")
+    return GRIDS[name]
+
+
+def derive_seed(grid_seed: int, target: str, method: str, replicate: int) -> int:
+    """Deterministic 31-bit seed of a cell (documented in the module docstring)."""
+    h = hashlib.sha256(f"{grid_seed}:{target}:{method}:{replicate}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+def _hint_name(h: Any) -> str:
+    return getattr(h, "__name__", None) or str(h).replace("typing.", "")
+
+
+def coerce(text: str, hint: Any, what: str = "value") -> Any:
+    """Parse a command-line string into a value of type ``hint`` (int, float, bool, str, None, Literal,
+    tuple/list of those, unions); raises ValueError naming the expected type."""
+    s = text.strip()
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        try:
+            return json.loads(s)
+        except json.JSONDecodeError:
+            return s
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args and s.lower() in ("none", "null"):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(s, a, what)
+            except ValueError:
+                continue
+        raise ValueError(f"{what} expects {_hint_name(hint)}, got {text!r}")
+    if hint is type(None):
+        if s.lower() in ("none", "null"):
+            return None
+        raise ValueError(f"{what} expects None, got {text!r}")
+    if origin is typing.Literal:
+        for a in typing.get_args(hint):
+            if str(a) == s or (isinstance(a, bool) and s.lower() == str(a).lower()):
+                return a
+        raise ValueError(f"{what} expects one of {list(typing.get_args(hint))}, got {text!r}")
+    if hint is bool:
+        if s.lower() in ("true", "1", "yes", "on"):
+            return True
+        if s.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{what} expects a bool (true/false), got {text!r}")
+    if hint is int:
+        try:
+            v = float(s) if ("e" in s.lower() and not s.lower().startswith("0x")) else int(s, 0)
+        except ValueError:
+            raise ValueError(f"{what} expects an int, got {text!r}") from None
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise ValueError(f"{what} expects an int, got {text!r}")
+            v = int(v)
+        return v
+    if hint is float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise ValueError(f"{what} expects a float, got {text!r}") from None
+        if math.isnan(v):
+            raise ValueError(f"{what} expects a finite float or inf, got {text!r}")
+        return v
+    if hint is str:
+        return text
+    if origin in (tuple, list) or hint in (tuple, list):
+        args = typing.get_args(hint)
+        if s.startswith("["):
+            try:
+                items = json.loads(s)
+            except json.JSONDecodeError:
+                raise ValueError(f"{what} expects a list like [1,2] or 1,2, got {text!r}") from None
+            items = [json.dumps(i) if not isinstance(i, str) else i for i in items]
+        else:
+            items = [p for p in s.split(",") if p.strip()] if s else []
+        if args and len(args) == 2 and args[1] is Ellipsis:
+            out = [coerce(i, args[0], what) for i in items]
+        elif args:
+            if len(items) != len(args):
+                raise ValueError(f"{what} expects {len(args)} items ({_hint_name(hint)}), got {text!r}")
+            out = [coerce(i, a, what) for i, a in zip(items, args)]
+        else:
+            out = [coerce(i, Any, what) for i in items]
+        return tuple(out) if (origin is tuple or hint is tuple) else out
+    raise ValueError(f"{what}: cannot parse a value of type {_hint_name(hint)} from the command line")
+
+
+def parse_overrides(
+    items: list[str] | None, methods: list[str]
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Split ``["idem.num_mc_samples=100", "budget.steps=5"]`` into per-method raw overrides and raw
+    budget overrides (strings; typed later). Errors name the valid prefixes."""
+    per_method: dict[str, dict[str, str]] = {}
+    budget: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"malformed override {item!r}: expected METHOD.KEY=VALUE or budget.KEY=VALUE")
+        lhs, value = item.split("=", 1)
+        prefix, key = lhs.strip().split(".", 1)
+        if not key:
+            raise ValueError(f"malformed override {item!r}: empty key")
+        if prefix == "budget":
+            valid = ("energy_evals", "wall_seconds", "steps")
+            if key not in valid:
+                raise ValueError(f"unknown budget key {key!r} in {item!r}; valid keys: {', '.join(valid)}")
+            budget[key] = value
+        elif prefix in methods:
+            per_method.setdefault(prefix, {})[key] = value
+        else:
+            raise ValueError(
+                f"override {item!r} names {prefix!r}, which is not a selected method; "
+                f"valid prefixes: budget, {', '.join(methods)}"
+            )
+    return per_method, budget
+
+
+def typed_method_overrides(method_cls: Any, raw: dict[str, str]) -> dict[str, Any]:
+    """Raw strings -> values typed by the method's Config fields; unknown keys name the valid ones."""
+    cfg = method_cls.Config
+    names_ = cfg.field_names()
+    hints = typing.get_type_hints(cfg)
+    out = {}
+    for k, v in raw.items():
+        if k not in names_:
+            raise ValueError(f"unknown {cfg.__qualname__} key {k!r}; valid keys: {', '.join(names_)}")
+        out[k] = coerce(v, hints[k], f"{method_cls.name}.{k}")
+    return out
+
+
+def typed_budget_overrides(raw: dict[str, str]) -> dict[str, Any]:
+    hints = {"energy_evals": int | None, "wall_seconds": float | None, "steps": int | None}
+    return {k: coerce(v, hints[k], f"budget.{k}") for k, v in raw.items()}
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+@dataclass
+class Expansion:
+    """The cells of a grid selection, plus what could not be included and where budgets came from."""
+
+    grid: Grid
+    specs: list[RunSpec]
+    missing_methods: list[str]  # planned but not registered
+    budget_sources: dict[tuple[str, str], str]  # (target, method) -> "harness default" / "method" / ...
+
+    def time_limit_min(self, spec: RunSpec) -> int:
+        """SLURM time limit for a cell: 1.25 x its wall-clock budget + 10 min, else the grid default."""
+        ws = spec.budget.get("wall_seconds")
+        if ws:
+            return int(math.ceil(1.25 * ws / 60.0 + 10))
+        return self.grid.time_limit_min
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d))
+
+
+def expand(
+    name: str,
+    methods: list[str] | None = None,
+    targets: list[str] | None = None,
+    seeds: int | None = None,
+    overrides: list[str] | None = None,
+    device: str = "cpu",
+) -> Expansion:
+    """Expand a grid into RunSpecs. ``methods``/``targets`` restrict the selection (unknown names raise a
+    ValueError listing the valid ones; a planned but unregistered method named explicitly is an error, while
+    the grid's own unregistered methods are returned in ``missing_methods``)."""
+    import methods as methods_pkg
+    import targets as targets_pkg
+
+    grid = get(name)
+    registered = methods_pkg.names()
+    planned = list(methods_pkg.PLANNED) + [m for m in registered if m not in methods_pkg.PLANNED]
+    if methods:
+        for m in methods:
+            if m not in planned:
+                raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(planned)}")
+            if m not in registered:
+                raise ValueError(
+                    f"method {m!r} is planned but not implemented yet; "
+                    f"registered methods: {', '.join(registered) or '(none)'}"
+                )
+        sel_methods = list(dict.fromkeys(methods))
+        missing: list[str] = []
+    else:
+        sel_methods = [m for m in planned if m in registered]
+        missing = [m for m in planned if m not in registered]
+    grid_targets = list(grid.targets) if grid.targets is not None else targets_pkg.names()
+    all_targets = targets_pkg.names()
+    if targets:
+        for t in targets:
+            if t not in all_targets:
+                raise ValueError(f"unknown target {t!r}; valid targets: {', '.join(all_targets)}")
+        sel_targets = list(dict.fromkeys(targets))
+    else:
+        sel_targets = grid_targets
+    if seeds is not None and (isinstance(seeds, bool) or int(seeds) < 1):
+        raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
+    replicates = int(seeds) if seeds is not None else grid.replicates
+
+    raw_method, raw_budget = parse_overrides(overrides, sel_methods)
+    budget_over = typed_budget_overrides(raw_budget)
+    preset_names = grid.preset_grids or (grid.name,)
+    budget_grid = grid.budget_grid or grid.name
+
+    specs: list[RunSpec] = []
+    sources: dict[tuple[str, str], str] = {}
+    for t in sel_targets:
+        for m in sel_methods:
+            M = methods_pkg.get(m)
+            cli = typed_method_overrides(M, raw_method.get(m, {}))
+            cfg_over: dict[str, Any] = {}
+            for p in preset_names:
+                cfg_over.update(M.Config.preset(p, t))
+            cfg_over.update(cli)
+            M.Config.for_target(t, **cfg_over)  # validates keys and types (ValueError names valid keys)
+            budget = grid.default_budget(t)
+            source = "harness default"
+            if grid.method_budgets:
+                suggested = M.Config.suggested_budget(budget_grid, t)
+                if suggested:
+                    budget.update(suggested)
+                    source = f"method ({budget_grid})"
+            if budget_over:
+                budget.update(budget_over)
+                source += " + --set"
+            budget = {k: v for k, v in budget.items() if v is not None}
+            Budget.from_dict(budget)  # validates
+            sources[(t, m)] = source
+            for r in range(replicates):
+                specs.append(
+                    RunSpec(
+                        grid=grid.name,
+                        target=t,
+                        method=m,
+                        replicate=r,
+                        seed=derive_seed(grid.seed, t, m, r),
+                        config=_jsonable(cfg_over),
+                        budget=budget,
+                        protocol=grid.protocol,
+                        eval_fractions=grid.eval_fractions,
+                        n_eval_samples=grid.n_eval_samples,
+                        device=device,
+                    )
+                )
+    return Expansion(grid=grid, specs=specs, missing_methods=missing, budget_sources=sources)
