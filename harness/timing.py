@@ -95,6 +95,7 @@ def records_to_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
             "stop_reason": rec.stop_reason,
             "host": _host(rec.environment or {}),
             "device": _device(rec),
+            "threads": (rec.environment or {}).get("torch_threads"),
             "n_eval_samples": s.n_eval_samples,
         }
         for k in USAGE_KEYS:
@@ -208,6 +209,7 @@ def summarise_runs(df: pd.DataFrame, metric: str, levels: dict[str, float]) -> p
                 "stop_reason": first["stop_reason"],
                 "host": first["host"],
                 "device": first["device"],
+                "threads": first["threads"],
                 "n_eval_samples": first["n_eval_samples"],
                 "train_s": train_s,
                 "sample_s": sample_s,
@@ -500,12 +502,18 @@ def _notes(
         "Mean ± std over ok seeds; `*` diverged (numbers from the diverged runs); `—` missing or not "
         "reported; network evals are as reported by each method."
     )
-    hosts = sorted({str(h) for h in tr["host"].dropna()}) if len(tr) else []
-    devices = sorted({str(d) for d in tr["device"].dropna()}) if len(tr) else []
-    where = f"hosts: {', '.join(hosts) or 'unknown'}; devices: {', '.join(devices) or 'unknown'}"
-    if len(hosts) > 1 or len(devices) > 1:
+
+    def distinct(col: str) -> list[str]:
+        return sorted({str(v) for v in tr[col].dropna()}) if len(tr) and col in tr.columns else []
+
+    hosts, devices, threads = distinct("host"), distinct("device"), distinct("threads")
+    where = (
+        f"hosts: {', '.join(hosts) or 'unknown'}; devices: {', '.join(devices) or 'unknown'}; "
+        f"torch threads: {', '.join(threads) or 'unknown'}"
+    )
+    if len(hosts) > 1 or len(devices) > 1 or len(threads) > 1:
         notes.append(
-            f"WARNING: runs come from different machines ({where}): wall-clock columns are not "
+            f"WARNING: runs come from different machines or set-ups ({where}): wall-clock columns are not "
             "comparable across them."
         )
     else:
@@ -610,6 +618,17 @@ def timing_report(
     ]
 
 
+def grid_methods(grid: str) -> list[str] | None:
+    """Every method the named grid covers (registered and planned), or None for an unknown grid."""
+    try:
+        from harness import grids
+
+        exp = grids.expand(grid)
+    except Exception:  # noqa: BLE001 - an unknown or foreign grid name: fall back to the records' methods
+        return None
+    return list(dict.fromkeys([*(s.method for s in exp.specs), *exp.missing_methods]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.timing", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default="results/runs", help="records root (default results/runs)")
@@ -641,9 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out, figs = Path(a.out), Path(a.figures)
         out.mkdir(parents=True, exist_ok=True)
         for grid in sorted(df["grid"].unique()):
-            tables = timing_report(
-                df[df["grid"] == grid], a.metric, a.threshold, a.level, a.baseline, expected
-            )
+            exp = expected if expected is not None else grid_methods(grid)
+            tables = timing_report(df[df["grid"] == grid], a.metric, a.threshold, a.level, a.baseline, exp)
             md = [f"## Timing — grid `{grid}`\n"]
             tex = []
             for t in tables:

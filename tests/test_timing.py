@@ -233,9 +233,14 @@ def test_machine_mismatch_is_flagged() -> None:
     recs = _two_method_records()
     recs[1].environment["host"] = "hostB"
     (t,) = timing.timing_report(timing.records_to_frame(recs))
-    assert any(n.startswith("WARNING: runs come from different machines") for n in t.notes)
+    assert any(n.startswith("WARNING: runs come from different machines or set-ups") for n in t.notes)
     (t,) = timing.timing_report(timing.records_to_frame(_two_method_records()))
     assert not any("WARNING" in n for n in t.notes)
+    recs = _two_method_records()
+    for i, r in enumerate(recs):  # same host, different torch thread counts
+        r.environment["torch_threads"] = 1 + (i == 0)
+    (t,) = timing.timing_report(timing.records_to_frame(recs))
+    assert any("WARNING" in n and "torch threads: 1, 2" in n for n in t.notes)
 
 
 def test_latex_escapes_and_has_one_row_per_method() -> None:
