@@ -7,7 +7,8 @@ over them where the grid allows it, and ``--set budget.<field>=...`` over both):
 =============  =====================  ========  ==============================================================
 grid           targets                seeds     budget per cell
 =============  =====================  ========  ==============================================================
-smoke          all                    1         steps=3, wall_seconds=4 (method may suggest); 64 eval samples
+smoke          all                    1         steps=3, wall_seconds=4 (method may suggest; wall-clock
+                                                capped at 10 s); 64 eval samples at 50 % and 100 %
 cpu            gmm40, dw4             3         wall_seconds=900 (method may suggest steps / evals)
 paper          all                    1         the method's published budget (``BUDGETS["paper"]``)
 full           all                    3         as paper
@@ -61,6 +62,8 @@ class Grid:
     n_eval_samples: int | None = None  # None: the protocol's sizes
     protocol: str = "boltzbench"
     time_limit_min: int = 60  # default SLURM time limit per cell when the budget has no wall-clock limit
+    #: upper limits applied after the method's suggestion (not to --set): keeps `smoke` within minutes
+    caps: dict[str, float] = field(default_factory=dict)
 
     def default_budget(self, target: str) -> dict[str, Any]:
         return dict(self.budgets.get(target, self.budgets.get("*", {})))
@@ -81,6 +84,7 @@ GRIDS: dict[str, Grid] = {
             eval_fractions=(0.5, 1.0),
             n_eval_samples=64,
             time_limit_min=10,
+            caps={"wall_seconds": 10.0},
         ),
         Grid(
             "cpu",
@@ -357,6 +361,10 @@ def expand(
                 if suggested:
                     budget.update(suggested)
                     source = f"method ({budget_grid})"
+            for k, cap in grid.caps.items():
+                if budget.get(k) is None or budget[k] > cap:
+                    budget[k] = cap
+                    source += f", {k} capped at {cap:g}"
             if budget_over:
                 budget.update(budget_over)
                 source += " + --set"

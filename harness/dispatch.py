@@ -1,0 +1,549 @@
+"""Dispatch of grid cells through submitit: ``local`` (parallel processes, default), ``slurm`` (job arrays),
+``debug`` (in-process, sequential), ``auto`` (slurm when a controller answers, else local).
+
+A cell's outcome is its record (``record.json``), never ``job.result()``: without SLURM accounting submitit
+cannot tell the state of a cancelled job and ``result()`` would wait forever. The waiting loop polls the
+records and ``squeue``; a job that left the queue (or a local process that exited) without writing a record
+gets a ``failed`` record saying so, unless the cell's lock shows it is still running.
+
+Idempotence (``plan``): ``ok`` and ``diverged`` cells with the same spec are done and skipped; ``failed``,
+``timeout`` and interrupted cells (a checkpoint but no record) are re-run and resume from their checkpoint;
+cells locked by a running process are skipped; cells whose record or checkpoint belongs to a different spec
+are refused unless ``force`` (which discards their files first). Each launch uses a fresh submitit folder
+``<results>/_submitit/<launch id>`` (SLURM job ids restart when its state is wiped; stale pickles of an old
+job with the same id must never be read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from harness import checkpoint as ck
+from harness.job import DONE_STATUSES, RECORD_NAME, SAMPLES_NAME, read_record, run_one, spec_key
+from harness.records import RunRecord, RunSpec
+
+EXECUTORS = ("auto", "local", "slurm", "debug")
+_ALIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD")
+
+
+# ------------------------------------------------------------------------------------------- plugins
+def load_plugins(plugins: Sequence[str]) -> None:
+    """Import each plugin ``MODULE``, ``MODULE:FUNC``, ``path/file.py`` or ``path/file.py:FUNC`` (and call
+    FUNC): how extra methods or targets are registered in the processes that run cells."""
+    for p in plugins:
+        target, _, func = p.partition(":")
+        if target.endswith(".py"):
+            path = Path(target).resolve()
+            if not path.exists():
+                raise ValueError(f"plugin file {target!r} does not exist")
+            name = f"_boltzbench_plugin_{abs(hash(str(path)))}"
+            mod = sys.modules.get(name)
+            if mod is None:
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[name] = mod
+                spec.loader.exec_module(mod)
+        else:
+            try:
+                mod = importlib.import_module(target)
+            except ImportError as e:
+                raise ValueError(f"cannot import plugin module {target!r}: {e}") from None
+        if func:
+            fn = getattr(mod, func, None)
+            if not callable(fn):
+                raise ValueError(f"plugin {p!r}: {target} has no callable {func!r}")
+            fn()
+
+
+def absolute_plugins(plugins: Sequence[str]) -> tuple[str, ...]:
+    out = []
+    for p in plugins:
+        target, sep, func = p.partition(":")
+        if target.endswith(".py"):
+            target = str(Path(target).resolve())
+        out.append(target + sep + func)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------- the job
+class CellJob(submitit.helpers.Checkpointable):
+    """The callable submitit runs for one cell. On preemption / timeout submitit calls ``checkpoint`` (the
+    default: resubmit the same call) and requeues; the cell then resumes from its own checkpoint file."""
+
+    def __init__(self, plugins: Sequence[str] = (), threads: int | None = None,
+                 checkpoint_every_s: float = 300.0):
+        self.plugins = tuple(plugins)
+        self.threads = threads
+        self.checkpoint_every_s = checkpoint_every_s
+
+    def __call__(self, spec_dict: dict[str, Any], results_root: str) -> str:
+        load_plugins(self.plugins)
+        spec = RunSpec.from_dict(spec_dict)
+        try:
+            rec = run_one(
+                spec, results_root, threads=self.threads, checkpoint_every_s=self.checkpoint_every_s
+            )
+        except ck.CellBusyError as e:
+            return f"busy: {e}"
+        return rec.status
+
+
+# ------------------------------------------------------------------------------------------- planning
+@dataclass
+class CellState:
+    spec: RunSpec
+    state: str  # new, interrupted, failed, timeout, ok, diverged, running, mismatch
+    detail: str = ""
+
+
+def cell_state(spec: RunSpec, root: str | Path) -> CellState:
+    run_dir = spec.run_dir(root)
+    holder = ck.is_locked(run_dir)
+    if holder is not None:
+        who = ", ".join(f"{k}={v}" for k, v in holder.items() if v)
+        return CellState(spec, "running", who)
+    rec_path = run_dir / RECORD_NAME
+    rec = read_record(rec_path)
+    if rec is None and rec_path.exists():
+        return CellState(spec, "failed", "unreadable record.json (will be re-run)")
+    if rec is not None:
+        if spec_key(rec.spec) != spec_key(spec):
+            return CellState(spec, "mismatch", "record.json was written for a different spec")
+        return CellState(spec, rec.status, rec.stop_reason or "")
+    if (run_dir / ck.CHECKPOINT_NAME).exists():
+        return CellState(spec, "interrupted", "checkpoint without record: resumes")
+    return CellState(spec, "new")
+
+
+@dataclass
+class Plan:
+    cells: list[CellState]
+    force: bool
+
+    def by_state(self, *states: str) -> list[CellState]:
+        return [c for c in self.cells if c.state in states]
+
+    @property
+    def to_run(self) -> list[CellState]:
+        run = ("new", "interrupted", "failed", "timeout")
+        if self.force:
+            run += ("ok", "diverged", "mismatch")
+        return [c for c in self.cells if c.state in run]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.cells:
+            out[c.state] = out.get(c.state, 0) + 1
+        return out
+
+
+def plan(specs: Sequence[RunSpec], root: str | Path, force: bool = False) -> Plan:
+    return Plan([cell_state(s, root) for s in specs], force)
+
+
+def prepare(cell: CellState, root: str | Path, force: bool) -> bool:
+    """Before submitting a cell: with ``force`` discard its record, samples and checkpoint; otherwise move a
+    failed/timeout record aside (``record.prev.json``) so that the new outcome is recognisable. Returns False
+    if the cell is running elsewhere (then it is not submitted)."""
+    run_dir = cell.spec.run_dir(root)
+    try:
+        with ck.CellLock(run_dir):
+            rec = run_dir / RECORD_NAME
+            if force and cell.state in ("ok", "diverged", "mismatch", "failed", "timeout", "interrupted"):
+                for name in (RECORD_NAME, SAMPLES_NAME, ck.CHECKPOINT_NAME):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(run_dir / name)
+            elif rec.exists():
+                os.replace(rec, run_dir / "record.prev.json")
+    except ck.CellBusyError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------- SLURM helpers
+def slurm_reachable(timeout: float = 10.0) -> bool:
+    """Whether a SLURM controller answers (``scontrol ping`` reports UP)."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return False
+    try:
+        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return p.returncode == 0 and "UP" in p.stdout
+
+
+def squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """State of each listed job / array task still known to squeue (``{"123_4": "RUNNING"}``); None if squeue
+    itself failed (then nothing may be concluded)."""
+    if not job_ids:
+        return {}
+    base = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        p = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(base)],
+            capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if p.returncode != 0:
+        # squeue exits non-zero when every listed job id is unknown (all finished long ago)
+        if "Invalid job id" in p.stderr:
+            return {}
+        return None
+    out = {}
+    for line in p.stdout.splitlines():
+        if "|" in line:
+            jid, st = line.strip().split("|", 1)
+            out[jid] = st
+    return out
+
+
+# ------------------------------------------------------------------------------------------- options
+@dataclass
+class DispatchOptions:
+    executor: str = "local"  # resolved: local, slurm, debug
+    jobs: int = 2  # local: cells in parallel
+    threads: int | None = None  # torch threads per cell (default: from the allocation)
+    wait: bool = True
+    plugins: tuple[str, ...] = ()
+    checkpoint_every_s: float = 300.0
+    poll_s: float = 2.0
+    # SLURM
+    partition: str | None = None
+    time_min: int | None = None  # per cell; default: from the budget / grid
+    gpus_per_task: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 2.0
+    array_parallelism: int = 64
+    slurm_opts: dict[str, str] = field(default_factory=dict)
+    max_requeues: int = 3
+    job_name: str = "boltzbench"
+    lost_grace_s: float = 20.0  # a job must be absent from squeue this long before it counts as lost
+
+
+@dataclass
+class Launch:
+    """What a launch did: the cells it submitted, their outcomes (status from the record) and job ids."""
+
+    submitted: list[RunSpec] = field(default_factory=list)
+    job_ids: dict[str, str] = field(default_factory=dict)  # cell id -> job id
+    array_ids: list[str] = field(default_factory=list)
+    outcomes: dict[str, str] = field(default_factory=dict)  # cell id -> ok/diverged/failed/timeout/busy/lost
+    skipped_running: list[str] = field(default_factory=list)
+    folder: str | None = None
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for v in self.outcomes.values() if v not in DONE_STATUSES and not v.startswith("busy"))
+
+
+# ------------------------------------------------------------------------------------------- progress
+class Progress:
+    """tqdm bar on a terminal; otherwise one line per finished cell."""
+
+    def __init__(self, total: int, stream: Any = None, interactive: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.t0 = time.monotonic()
+        if interactive is None:
+            interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = None
+        if interactive and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=self.stream, unit="cell", dynamic_ncols=True)
+
+    def running(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"running {n}, failed {self.failed}")
+
+    def finished(self, spec: RunSpec, status: str, rec: RunRecord | None) -> None:
+        self.done += 1
+        if status not in DONE_STATUSES:
+            self.failed += 1
+        line = f"[{self.done}/{self.total}] {status:<8} {spec.cell_id}"
+        if rec is not None:
+            u = rec.usage
+            line += f"  steps={u.get('steps')} energy_evals={u.get('energy_evals')}"
+            if rec.evaluations:
+                m = rec.evaluations[-1].get("metrics", {})
+                shown = [f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)][:3]
+                line += "  " + " ".join(shown)
+            if rec.status not in DONE_STATUSES or rec.status == "diverged":
+                line += f"  ({rec.stop_reason})"
+        elapsed = time.monotonic() - self.t0
+        if self.bar is not None:
+            self.bar.write(line)
+            self.bar.update(1)
+        else:
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            print(f"{line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------- outcomes
+def _outcome(spec: RunSpec, root: Path) -> tuple[str, RunRecord | None]:
+    rec = read_record(spec.run_dir(root) / RECORD_NAME)
+    if rec is not None and spec_key(rec.spec) == spec_key(spec):
+        return rec.status, rec
+    return "", None
+
+
+def _write_lost(spec: RunSpec, root: Path, why: str) -> tuple[str, RunRecord | None]:
+    """A job ended without a record: write a failed record (unless the cell is running elsewhere)."""
+    run_dir = spec.run_dir(root)
+    try:
+        with ck.CellLock(run_dir):
+            status, rec = _outcome(spec, root)
+            if rec is not None:
+                return status, rec
+            has_ckpt = (run_dir / ck.CHECKPOINT_NAME).exists()
+            rec = RunRecord(
+                spec=spec,
+                status="failed",
+                stop_reason="job ended without writing a record",
+                error=why + (" A re-launch resumes from its checkpoint." if has_ckpt else ""),
+                finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            )
+            rec.write(run_dir / RECORD_NAME)
+            return "failed", rec
+    except ck.CellBusyError:
+        return "busy: running elsewhere", None
+
+
+def _tail(path: Path | None, n: int = 3000) -> str:
+    if path is None:
+        return ""
+    try:
+        return Path(path).read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------- launch
+def launch(
+    cells: Sequence[CellState],
+    root: str | Path,
+    opts: DispatchOptions,
+    time_limit_min: Callable[[RunSpec], int] | None = None,
+    force: bool = False,
+    stream: Any = None,
+    interactive: bool | None = None,
+) -> Launch:
+    """Prepare and submit ``cells`` with the chosen executor; wait (unless ``opts.wait`` is False) and return
+    what happened. Never blocks on ``job.result()``."""
+    root = Path(root).resolve()
+    stream = stream or sys.stderr
+    out = Launch()
+    specs = []
+    for c in cells:
+        if prepare(c, root, force):
+            specs.append(c.spec)
+        else:
+            out.skipped_running.append(c.spec.cell_id)
+    out.submitted = specs
+    if not specs:
+        return out
+    limit = time_limit_min or (lambda s: 60)
+    if opts.executor == "debug":
+        return _run_debug(specs, root, opts, out, stream, interactive)
+    launch_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    folder = root / "_submitit" / launch_id
+    out.folder = str(folder)
+    job = CellJob(absolute_plugins(opts.plugins), opts.threads, opts.checkpoint_every_s)
+    if opts.executor == "local":
+        return _run_local(specs, root, opts, job, folder, limit, out, stream, interactive)
+    if opts.executor == "slurm":
+        return _run_slurm(specs, root, opts, job, folder, limit, out, stream, interactive)
+    raise ValueError(f"unknown executor {opts.executor!r}; valid executors: {', '.join(EXECUTORS)}")
+
+
+def _run_debug(specs: list[RunSpec], root: Path, opts: DispatchOptions, out: Launch, stream: Any,
+               interactive: bool | None) -> Launch:
+    job = CellJob(opts.plugins, opts.threads, opts.checkpoint_every_s)
+    prog = Progress(len(specs), stream, interactive)
+    try:
+        for s in specs:
+            result = job(s.to_dict(), str(root))
+            status, rec = _outcome(s, root)
+            out.outcomes[s.cell_id] = status or result
+            prog.finished(s, status or result, rec)
+    finally:
+        prog.close()
+    return out
+
+
+def _run_local(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: CellJob, folder: Path,
+               limit: Callable[[RunSpec], int], out: Launch, stream: Any, interactive: bool | None) -> Launch:
+    ex = submitit.LocalExecutor(folder=folder, max_num_timeout=opts.max_requeues)
+    if opts.threads is None:
+        job.threads = max(1, (os.cpu_count() or 1) // max(1, opts.jobs))
+    queue = list(specs)
+    running: dict[str, tuple[Any, RunSpec]] = {}
+    prog = Progress(len(specs), stream, interactive)
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, opts.jobs):
+                s = queue.pop(0)
+                ex.update_parameters(timeout_min=limit(s), stderr_to_stdout=True)
+                j = ex.submit(job, s.to_dict(), str(root))
+                running[s.cell_id] = (j, s)
+                out.job_ids[s.cell_id] = j.job_id
+            prog.running(len(running))
+            time.sleep(min(opts.poll_s, 0.5))
+            for cid, (j, s) in list(running.items()):
+                if not j.done():
+                    continue
+                del running[cid]
+                status, rec = _outcome(s, root)
+                if not status:
+                    result = _local_result(j)
+                    if result.startswith("busy"):
+                        status = result
+                    else:
+                        status, rec = _write_lost(
+                            s, root, f"local job {j.job_id} exited without a record. Output tail:\n"
+                            + _tail(j.paths.stdout) + result
+                        )
+                out.outcomes[cid] = status
+                prog.finished(s, status, rec)
+    except KeyboardInterrupt:
+        for j, _ in running.values():
+            with contextlib.suppress(Exception):
+                j.cancel()
+        raise
+    finally:
+        prog.close()
+    return out
+
+
+def _local_result(j: Any) -> str:
+    """The callable's return value from the result pickle, if the job wrote one (never waits)."""
+    path = j.paths.result_pickle
+    if not path.exists():
+        return ""
+    try:
+        outcome, value = submitit.core.utils.pickle_load(path)
+    except Exception:
+        return ""
+    return str(value) if outcome == "success" else f"\n{value}"
+
+
+def _run_slurm(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: CellJob, folder: Path,
+               limit: Callable[[RunSpec], int], out: Launch, stream: Any, interactive: bool | None) -> Launch:
+    groups: dict[int, list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault(opts.time_min or limit(s), []).append(s)
+    jobs: dict[str, tuple[Any, RunSpec]] = {}
+    for tmin, group in groups.items():
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=opts.max_requeues)
+        params: dict[str, Any] = {
+            "timeout_min": int(tmin),
+            "cpus_per_task": int(opts.cpus_per_task),
+            "mem_gb": float(opts.mem_gb),
+            "slurm_array_parallelism": int(opts.array_parallelism),
+            "name": opts.job_name,
+            "stderr_to_stdout": True,
+            "slurm_setup": [f"export OMP_NUM_THREADS={int(opts.cpus_per_task)}"],
+        }
+        if opts.partition:
+            params["slurm_partition"] = opts.partition
+        if opts.gpus_per_task:
+            params["gpus_per_node"] = int(opts.gpus_per_task)
+        if opts.slurm_opts:
+            params["slurm_additional_parameters"] = dict(opts.slurm_opts)
+        ex.update_parameters(**params)
+        with ex.batch():
+            submitted = [(ex.submit(job, s.to_dict(), str(root)), s) for s in group]
+        array_ids = sorted({j.job_id.split("_")[0] for j, _ in submitted})
+        out.array_ids.extend(array_ids)
+        print(
+            f"submitted {len(group)} cell(s) as SLURM array job {', '.join(array_ids)} "
+            f"(time limit {tmin} min, {opts.cpus_per_task} CPU(s)"
+            + (f", {opts.gpus_per_task} GPU(s)" if opts.gpus_per_task else "") + ")",
+            file=stream, flush=True,
+        )
+        for j, s in submitted:
+            jobs[s.cell_id] = (j, s)
+            out.job_ids[s.cell_id] = j.job_id
+    if not opts.wait:
+        print(f"not waiting; each task writes its own record under {root} (submitit logs: {folder})",
+              file=stream, flush=True)
+        return out
+    return wait_slurm(jobs, root, opts, out, stream, interactive)
+
+
+def wait_slurm(jobs: dict[str, tuple[Any, RunSpec]], root: Path, opts: DispatchOptions, out: Launch,
+               stream: Any = None, interactive: bool | None = None) -> Launch:
+    """Poll records and squeue until every submitted cell has an outcome (never calls job.result())."""
+    pending = dict(jobs)
+    missing_since: dict[str, float] = {}
+    prog = Progress(len(jobs), stream, interactive)
+    try:
+        while pending:
+            states = squeue_states([j.job_id for j, _ in pending.values()])
+            now = time.monotonic()
+            n_running = 0
+            for cid, (j, s) in list(pending.items()):
+                status, rec = _outcome(s, root)
+                if status:
+                    del pending[cid]
+                    out.outcomes[cid] = status
+                    prog.finished(s, status, rec)
+                    continue
+                if states is None:
+                    continue
+                st = states.get(j.job_id)
+                if st is not None and st.split()[0] in _ALIVE_STATES:
+                    missing_since.pop(cid, None)
+                    n_running += st == "RUNNING"
+                    continue
+                first = missing_since.setdefault(cid, now)
+                if now - first < opts.lost_grace_s:
+                    continue
+                if ck.is_locked(s.run_dir(root)) is not None:
+                    continue
+                result = _local_result(j)
+                if result.startswith("busy"):
+                    status, rec = result, None
+                else:
+                    status, rec = _write_lost(
+                        s, root, f"SLURM job {j.job_id} left the queue without writing a record "
+                        "(cancelled, killed or out of requeues). Log tail:\n"
+                        + _tail(j.paths.stdout) + result,
+                    )
+                del pending[cid]
+                out.outcomes[cid] = status
+                prog.finished(s, status, rec)
+            prog.running(n_running)
+            if pending:
+                time.sleep(opts.poll_s)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the SLURM jobs keep running and write their own records; "
+              "re-run the same command to wait for them or to resume", file=stream or sys.stderr)
+        raise
+    finally:
+        prog.close()
+    return out
+
+
