@@ -1,12 +1,12 @@
 """Energy-parametrised networks of NEM / BNEM: E_θ(x, t) whose negative gradient is the score.
 
-BNEM's ``EnergyNet.forward_e`` (tonyauyeung/BNEM, ``energy_net_wrapper.py``) returns the *log-density* −E_θ; here
-every module returns the **energy** E_θ (kT = 1), so −E_θ below is the published expression:
+BNEM's ``EnergyNet.forward_e`` (tonyauyeung/BNEM, ``energy_net_wrapper.py``) returns the *log-density* −E_θ;
+here every module returns the **energy** E_θ (kT = 1), so −E_θ below is the published expression:
 
 - ``MLPEnergy`` (GMM-40): v = TimeMLP(t, x) ∈ R^d,  −E_θ = −‖v‖₂ + Σ_j v_j + c  (c a learnable scalar).
-- ``EGNNEnergy`` (particles): (vel, h) = EGNN.forward_with_features(t, x),  −E_θ,i = −‖vel_i‖ + h_i per particle
-  i (``out_node_features = 1``), E_θ = Σ_i E_θ,i. vel is equivariant and mean-free and h invariant, so E_θ is
-  invariant to rotations, reflections, translations and permutations of the particles.
+- ``EGNNEnergy`` (particles): (vel, h) = EGNN.forward_with_features(t, x), −E_θ,i = −‖vel_i‖ + h_i per
+  particle i (``out_node_features = 1``), E_θ = Σ_i E_θ,i. vel is equivariant and mean-free and h invariant, so
+  E_θ is invariant to rotations, reflections, translations and permutations of the particles.
 
 ``energy_and_score`` differentiates E_θ with autograd: score = −∇_x E_θ (graph kept only with
 ``create_graph=True``), optionally clipped per sample to a maximal L2 norm over the flattened vector
@@ -24,11 +24,13 @@ from methods.nets import EGNN, TimeMLP
 class MLPEnergy(nn.Module):
     """GMM energy network: forward(t [B] or scalar, x [B, dim]) -> E_θ [B] (per_particle gives [B, 1])."""
 
-    def __init__(self, dim: int, hidden: int = 128, n_blocks: int = 3, emb_size: int = 128,
-                 coord_scale: float = 25.0) -> None:
+    def __init__(
+        self, dim: int, hidden: int = 128, n_blocks: int = 3, emb_size: int = 128, coord_scale: float = 25.0
+    ) -> None:
         super().__init__()
-        self.mlp = TimeMLP(dim, out_dim=dim, hidden=hidden, n_blocks=n_blocks, emb_size=emb_size,
-                           coord_scale=coord_scale)
+        self.mlp = TimeMLP(
+            dim, out_dim=dim, hidden=hidden, n_blocks=n_blocks, emb_size=emb_size, coord_scale=coord_scale
+        )
         self.c = nn.Parameter(torch.zeros(()))
 
     def per_particle(self, t: Tensor | float, x: Tensor) -> Tensor:
@@ -67,8 +69,9 @@ def clip_per_sample(v: Tensor, max_norm: float | None) -> Tensor:
     return v * torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
-def energy_and_score(net: nn.Module, t: Tensor | float, x: Tensor, create_graph: bool = False,
-                     max_norm: float | None = None) -> tuple[Tensor, Tensor]:
+def energy_and_score(
+    net: nn.Module, t: Tensor | float, x: Tensor, create_graph: bool = False, max_norm: float | None = None
+) -> tuple[Tensor, Tensor]:
     """(E_θ(x, t) [B], score −∇_x E_θ [B, dim]) by autograd, the score clipped per sample to ``max_norm``.
 
     Without ``create_graph`` both outputs are detached from the parameters (sampling).

@@ -2,19 +2,21 @@
 
 Both methods learn an energy network E_θ(x, t) (``methods.energy_net``) of the VE-noised target
 p_t = p * N(0, σ_t² I) and sample with the reverse VE SDE driven by the score −∇_x E_θ (autograd, clipped per
-sample to ``max_score_norm``). Outer loop as iDEM / the published code: a FIFO replay buffer initialised from the
-prior, ``steps_per_epoch`` optimiser steps per epoch, then ``n_new_per_epoch`` fresh samples from the reverse SDE
-of the EMA network (β per epoch) pushed into the buffer.
+sample to ``max_score_norm``). Outer loop as iDEM / the published code: a FIFO replay buffer initialised from
+the prior, ``steps_per_epoch`` optimiser steps per epoch, then ``n_new_per_epoch`` fresh samples from the
+reverse SDE of the EMA network (β per epoch) pushed into the buffer.
 
 NEM target (paper's estimator; ``noised_energy_mc``):
-    E_K(x_t, t) = −log (1/K) Σ_k exp(−E(x_t + σ_t ε_k)),   loss ‖E_θ(x_t, t) − E_K‖²  (+ w₀ ‖E_θ(x_0, 0) − E(x_0)‖²)
+    E_K(x_t, t) = −log (1/K) Σ_k exp(−E(x_t + σ_t ε_k)),
+    loss ‖E_θ(x_t, t) − E_K‖²  (+ w₀ ‖E_θ(x_0, 0) − E(x_0)‖²)
 with log-sum-exp over the TOTAL energy. The published code's per-particle log-mean-exp (since 2024-09) is the
 option ``per_particle=True``; it factorises the estimator and is biased (see docs/nem.md).
 
 BNEM (``bootstrap_noised_energy``): after ``bootstrap_start_step`` optimiser steps, each batch shares one
 t ~ U(0, 1); if t lies in interval k ≥ 1 of the geometric bootstrap schedule (``bootstrap_time_splits``),
 s ~ U(interval k − 1) and samples that pass the published acceptance test get the target
-    −log (1/K) [ Σ_{j≤M} exp(−E_θ̄(x_t + sqrt(σ_t² − σ_s²) ε_j, s)) + Σ_{K−M resampled} exp(−E(x_t + σ_t ε_k)) ]
+    −log (1/K) [ Σ_{j≤M} exp(−E_θ̄(x_t + sqrt(σ_t² − σ_s²) ε_j, s))
+                 + Σ_{K−M resampled} exp(−E(x_t + σ_t ε_k)) ]
 from the stop-gradient EMA teacher θ̄ mixed with K − M exact-energy terms; the others keep the NEM target.
 
 Counting: every target energy goes through ``target.energy`` (B·K per step for NEM, 2·B·K in the BNEM stage
@@ -65,8 +67,14 @@ def _chunked(fn: EnergyFn, x: Tensor, chunk: int) -> Tensor:
     return torch.cat([fn(c) for c in x.split(chunk)])
 
 
-def noised_energy_mc(energy: EnergyFn, x_t: Tensor, sigma: Tensor | float, K: int,
-                     generator: torch.Generator | None = None, chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
+def noised_energy_mc(
+    energy: EnergyFn,
+    x_t: Tensor,
+    sigma: Tensor | float,
+    K: int,
+    generator: torch.Generator | None = None,
+    chunk: int = 1 << 18,
+) -> tuple[Tensor, Tensor]:
     """NEM's Monte-Carlo noised energy E_K(x_t, t) = −log (1/K) Σ_k exp(−E(x_t + σ ε_k)).
 
     x_t [B, dim], sigma scalar or [B] (σ_t), K draws per row. ``energy`` maps [N, dim] to [N] (total energies,
@@ -85,16 +93,26 @@ def noised_energy_mc(energy: EnergyFn, x_t: Tensor, sigma: Tensor | float, K: in
         return -log_mean_exp(log_terms, dim=1), log_terms
 
 
-def bootstrap_noised_energy(teacher: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, sigma_t: Tensor | float,
-                            sigma_s: Tensor | float, s: Tensor | float, M: int,
-                            generator: torch.Generator | None = None, exact_log_terms: Tensor | None = None,
-                            K: int | None = None, center: Callable[[Tensor], Tensor] | None = None,
-                            chunk: int = 1 << 18) -> Tensor:
-    """BNEM's bootstrapped target E_K(x_t, t, s) = −log (1/K) Σ exp(−E_teacher(x_t + sqrt(σ_t² − σ_s²) ε_j, s)).
+def bootstrap_noised_energy(
+    teacher: Callable[[Tensor, Tensor], Tensor],
+    x_t: Tensor,
+    sigma_t: Tensor | float,
+    sigma_s: Tensor | float,
+    s: Tensor | float,
+    M: int,
+    generator: torch.Generator | None = None,
+    exact_log_terms: Tensor | None = None,
+    K: int | None = None,
+    center: Callable[[Tensor], Tensor] | None = None,
+    chunk: int = 1 << 18,
+) -> Tensor:
+    """BNEM's bootstrapped target E_K(x_t, t, s) = −log (1/K) Σ_j exp(−E_teacher(x_{s|t}^(j), s)),
+    x_{s|t}^(j) = x_t + sqrt(σ_t² − σ_s²) ε_j.
 
     ``teacher(s [N], x [N, dim])`` returns energies [N] (or per particle [N, n]); it is called under no_grad
-    (stop-gradient). With ``exact_log_terms`` [B, K0(, n)] (the t-level MC terms −E(x_t + σ_t ε_k)) the M teacher
-    terms are concatenated with K − M of them drawn uniformly with replacement, as the published code does.
+    (stop-gradient). With ``exact_log_terms`` [B, K0(, n)] (the t-level MC terms −E(x_t + σ_t ε_k)) the M
+    teacher terms are concatenated with K − M of them drawn uniformly with replacement, as the published
+    code does.
     Returns [B] (or [B, n]).
     """
     if M < 1:
@@ -125,8 +143,9 @@ def bootstrap_noised_energy(teacher: Callable[[Tensor, Tensor], Tensor], x_t: Te
 
 
 def bootstrap_time_splits(sigma_min: float, sigma_max: float, variance: float, n_grid: int = 1000) -> Tensor:
-    """BNEM's geometric bootstrap schedule: time splits [0, t_1, …, 1] (float64) such that h(t) grows by at least
-    ``variance`` over each interval, scanned on ``linspace(0, 1, n_grid)`` with the schedule's own σ_min/σ_max.
+    """BNEM's geometric bootstrap schedule: time splits [0, t_1, …, 1] (float64) such that h(t) grows by at
+    least ``variance`` over each interval, scanned on ``linspace(0, 1, n_grid)`` with the schedule's own
+    σ_min/σ_max.
 
     Published counts (bnem-reference-code.md §2): GMM (1e-3, 1, 0.1) → 11, DW-4 (1e-4, 3, 0.1) → 69,
     LJ-13 (1e-4, 6, 0.1) → 130, LJ-55 (0.5, 4, 0.6) → 27.
@@ -153,17 +172,23 @@ def bootstrap_s(t: float, splits: Tensor, generator: torch.Generator | None = No
     if k <= 0:
         return None
     lo, hi = float(splits[k - 1]), float(splits[k])
-    u = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device if generator
-                         is not None else "cpu"))
+    u = float(
+        torch.rand(
+            (),
+            generator=generator,
+            dtype=torch.float64,
+            device=generator.device if generator is not None else "cpu",
+        )
+    )
     return max(lo + (hi - lo) * u, 1e-4)
 
 
-# ============================================================================ training energies (LJ smoothing)
+# ======================================================================= training energies (LJ smoothing)
 class LJSmoothing:
-    """The published training-time LJ softening: below r = 0.65 each pair term r⁻¹² − 2 r⁻⁶ is replaced by the
-    first piece of a cubic spline (scipy ``CubicSpline``, default not-a-knot) fitted on linspace(0.65, 2, 1000),
-    extrapolated. ``correction(x)`` [B] is the energy change, to add to the (counted) exact energy; r uses the
-    target's softened distance sqrt(|Δx|² + 1e-6)."""
+    """The published training-time LJ softening: below r = 0.65 each pair term r⁻¹² − 2 r⁻⁶ is replaced by
+    the first piece of a cubic spline (scipy ``CubicSpline``, default not-a-knot) fitted on
+    linspace(0.65, 2, 1000), extrapolated. ``correction(x)`` [B] is the energy change, to add to the
+    (counted) exact energy; r uses the target's softened distance sqrt(|Δx|² + 1e-6)."""
 
     R_MIN = 0.65
 
@@ -255,20 +280,38 @@ class NEMConfig(MethodConfig):
     max_score_norm: float = 1000.0
     sample_chunk: int = 2048
 
-    # Published settings (tonyauyeung/BNEM HEAD 1b2eb92: configs/model/nem.yaml + configs/experiment/*_nem.yaml;
-    # bnem-reference-code.md §5). GMM works in x/50.
+    # Published settings (tonyauyeung/BNEM HEAD 1b2eb92: configs/model/nem.yaml +
+    # configs/experiment/*_nem.yaml; bnem-reference-code.md §5). GMM works in x/50.
     PER_TARGET: ClassVar[dict[str, dict[str, Any]]] = {
         "gmm40": dict(sigma_max=1.0, n_mc=100, sde_steps=100, n_layers=3),
         "dw4": dict(sigma_max=3.0, n_mc=1000, n_layers=3),
         "lj13": dict(sigma_max=6.0, n_mc=1000, n_layers=5, lj_smooth=True),
-        "lj55": dict(sigma_min=0.5, sigma_max=4.0, n_mc=1000, n_layers=5, lj_smooth=True, batch_size=128,
-                     n_new_per_epoch=128, diffusion_scale=0.5),
+        "lj55": dict(
+            sigma_min=0.5,
+            sigma_max=4.0,
+            n_mc=1000,
+            n_layers=5,
+            lj_smooth=True,
+            batch_size=128,
+            n_new_per_epoch=128,
+            diffusion_scale=0.5,
+        ),
     }
     PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         # seconds per cell on a CPU: tiny nets, K, batches and SDE grids
         "smoke": {
-            "*": dict(hidden=16, n_layers=2, emb_size=16, n_mc=8, batch_size=16, steps_per_epoch=2, n_init=32,
-                      n_new_per_epoch=16, sde_steps=10, buffer_size=256),
+            "*": dict(
+                hidden=16,
+                n_layers=2,
+                emb_size=16,
+                n_mc=8,
+                batch_size=16,
+                steps_per_epoch=2,
+                n_init=32,
+                n_new_per_epoch=16,
+                sde_steps=10,
+                buffer_size=256,
+            ),
         },
         # meaningful GMM-40 / DW-4 numbers on a 2-core CPU in well under an hour per cell
         "cpu": {
@@ -302,9 +345,21 @@ class BNEMConfig(NEMConfig):
         "gmm40": dict(sigma_max=1.0, sde_steps=100, boot_sigma_min=1e-3, boot_sigma_max=1.0),
         "dw4": dict(sigma_max=3.0, n_layers=3, boot_sigma_min=1e-4, boot_sigma_max=3.0),
         "lj13": dict(sigma_max=6.0, n_layers=5, lj_smooth=True, boot_sigma_min=1e-4, boot_sigma_max=6.0),
-        "lj55": dict(sigma_min=0.5, sigma_max=4.0, n_layers=5, lj_smooth=True, batch_size=128, n_new_per_epoch=128,
-                     diffusion_scale=0.5, n_mc=1000, bootstrap_mc=500, t0_weight=0.0, boot_sigma_min=0.5,
-                     boot_sigma_max=4.0, boot_variance=0.6),
+        "lj55": dict(
+            sigma_min=0.5,
+            sigma_max=4.0,
+            n_layers=5,
+            lj_smooth=True,
+            batch_size=128,
+            n_new_per_epoch=128,
+            diffusion_scale=0.5,
+            n_mc=1000,
+            bootstrap_mc=500,
+            t0_weight=0.0,
+            boot_sigma_min=0.5,
+            boot_sigma_max=4.0,
+            boot_variance=0.6,
+        ),
     }
     PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"*": dict(NEMConfig.PRESETS["smoke"]["*"], n_mc=8, bootstrap_mc=4, bootstrap_start_step=3)},
@@ -341,13 +396,16 @@ class NEM(Method):
     Config = NEMConfig
     bootstrap: ClassVar[bool] = False
 
-    def __init__(self, target: Any, config: NEMConfig, device: torch.device | str,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self, target: Any, config: NEMConfig, device: torch.device | str, generator: torch.Generator
+    ) -> None:
         super().__init__(target, config, device, generator)
         c = config
         self.particles = getattr(target, "n_particles", None) is not None
         if c.per_particle and not self.particles:
-            raise ValueError(f"per_particle=True needs a particle target (dw4, lj13, lj55), got {target.name!r}")
+            raise ValueError(
+                f"per_particle=True needs a particle target (dw4, lj13, lj55), got {target.name!r}"
+            )
         if c.lj_smooth and not target.name.startswith("lj"):
             raise ValueError(f"lj_smooth=True applies to lj13/lj55 only, got {target.name!r}")
         for k in ("n_mc", "batch_size", "steps_per_epoch", "n_init", "n_new_per_epoch", "sde_steps"):
@@ -357,13 +415,11 @@ class NEM(Method):
         self.dim = int(target.dim)
         self.schedule = GeometricNoiseSchedule(c.sigma_min, c.sigma_max)
         dev = self.device
-        if self.particles:
-            self.net: nn.Module = EGNNEnergy(target.n_particles, target.spatial_dim, c.hidden, c.n_layers).to(dev)
-            self.prior: GaussianPrior = MeanFreeGaussianPrior(target.n_particles, target.spatial_dim,
-                                                              self.schedule.prior_scale, dev)
-        else:
-            self.net = MLPEnergy(self.dim, c.hidden, c.n_layers, c.emb_size).to(dev)
-            self.prior = GaussianPrior(self.dim, self.schedule.prior_scale, dev)
+        # parameter initialisation drawn from the run's generator (reproducible without touching global RNG)
+        init_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self._build_nets(target, c, dev)
         self.ema = _EMA(self.net, c.ema_beta)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         self.smoothing: LJSmoothing | None = None
@@ -377,6 +433,18 @@ class NEM(Method):
         x_init = self.prior.sample(c.n_init, generator)
         self.buffer.add(x_init, self.train_energy_total(x_init))
 
+    def _build_nets(self, target: Any, c: NEMConfig, dev: torch.device) -> None:
+        if self.particles:
+            self.net: nn.Module = EGNNEnergy(target.n_particles, target.spatial_dim, c.hidden, c.n_layers).to(
+                dev
+            )
+            self.prior: GaussianPrior = MeanFreeGaussianPrior(
+                target.n_particles, target.spatial_dim, self.schedule.prior_scale, dev
+            )
+        else:
+            self.net = MLPEnergy(self.dim, c.hidden, c.n_layers, c.emb_size).to(dev)
+            self.prior = GaussianPrior(self.dim, self.schedule.prior_scale, dev)
+
     # ------------------------------------------------------------------ helpers
     def center(self, x: Tensor) -> Tensor:
         return self.target.center(x) if self.particles else x
@@ -385,7 +453,7 @@ class NEM(Method):
         self.target.usage.network_evals += int(n)
 
     def train_energy_total(self, y: Tensor) -> Tensor:
-        """Training-target energy of model-space configurations y [N, dim] -> [N] (counted; LJ smoothed if set)."""
+        """Training-target energy of model-space y [N, dim] -> [N] (counted; LJ smoothed if set)."""
         x = y * self.scale if self.scale != 1.0 else y
         e = self.target.energy(x)
         if self.smoothing is not None:
@@ -424,9 +492,16 @@ class NEM(Method):
         """n model-space samples from the reverse SDE driven by −∇E_net."""
         c = self.config
         y1 = self.prior.sample(n, self.generator)
-        return integrate_reverse_sde(self.score_fn(net), y1, self.schedule, c.sde_steps, c.diffusion_scale,
-                                     self.generator, self.center if self.particles else None,
-                                     chunk_size=c.sample_chunk)
+        return integrate_reverse_sde(
+            self.score_fn(net),
+            y1,
+            self.schedule,
+            c.sde_steps,
+            c.diffusion_scale,
+            self.generator,
+            self.center if self.particles else None,
+            chunk_size=c.sample_chunk,
+        )
 
     # ------------------------------------------------------------------ targets and loss
     def _noised(self, y0: Tensor, t: Tensor) -> Tensor:
@@ -434,7 +509,9 @@ class NEM(Method):
         return self.center(y0 + self.schedule.sigma(t).to(y0.dtype).unsqueeze(-1) * eps)
 
     def _mc(self, y: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        return noised_energy_mc(self.train_energy, y, sigma, self.config.n_mc, self.generator, self.config.mc_chunk)
+        return noised_energy_mc(
+            self.train_energy, y, sigma, self.config.n_mc, self.generator, self.config.mc_chunk
+        )
 
     def _target(self, y0: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
         """(t [B], x_t [B, dim], regression target [B(, n)], logs) for NEM: t ~ U(0, 1) per sample."""
@@ -478,7 +555,7 @@ class NEM(Method):
 
     # ------------------------------------------------------------------ sampling and state
     def sample(self, n: int) -> Tensor:
-        """n samples [n, dim] in target coordinates from the raw network's reverse SDE (the code's test path)."""
+        """n samples [n, dim] in target coordinates from the raw network's reverse SDE (the test path)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.net.eval()
@@ -489,15 +566,18 @@ class NEM(Method):
         return {"buffer_size": float(len(self.buffer)), "bootstrap_accept_rate": self.last_accept_rate}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "net": self.net.state_dict(),
-            "ema": self.ema.model.state_dict(),
-            "opt": self.opt.state_dict(),
-            "buffer": self.buffer.state_dict(),
-            "step": self.step,
-            "last_accept_rate": self.last_accept_rate,
-            "generator": self.generator.get_state(),
-        }
+        """A snapshot (deep copy, safe to keep while training continues)."""
+        return copy.deepcopy(
+            {
+                "net": self.net.state_dict(),
+                "ema": self.ema.model.state_dict(),
+                "opt": self.opt.state_dict(),
+                "buffer": self.buffer.state_dict(),
+                "step": self.step,
+                "last_accept_rate": self.last_accept_rate,
+                "generator": self.generator.get_state(),
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -511,20 +591,25 @@ class NEM(Method):
 
 @METHODS.register("bnem")
 class BNEM(NEM):
-    """Bootstrapped NEM: NEM until ``bootstrap_start_step``, then the bootstrapped targets of the paper/code."""
+    """Bootstrapped NEM: NEM until ``bootstrap_start_step``, then the bootstrapped targets."""
 
     name = "bnem"
     display_name = "BNEM"
     Config = BNEMConfig
     bootstrap = True
 
-    def __init__(self, target: Any, config: BNEMConfig, device: torch.device | str,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self, target: Any, config: BNEMConfig, device: torch.device | str, generator: torch.Generator
+    ) -> None:
         super().__init__(target, config, device, generator)
         if not config.n_mc > config.bootstrap_mc >= 1:
-            raise ValueError(f"BNEM needs n_mc > bootstrap_mc >= 1, got n_mc={config.n_mc}, "
-                             f"bootstrap_mc={config.bootstrap_mc}")
-        self.splits = bootstrap_time_splits(config.boot_sigma_min, config.boot_sigma_max, config.boot_variance)
+            raise ValueError(
+                f"BNEM needs n_mc > bootstrap_mc >= 1, got n_mc={config.n_mc}, "
+                f"bootstrap_mc={config.bootstrap_mc}"
+            )
+        self.splits = bootstrap_time_splits(
+            config.boot_sigma_min, config.boot_sigma_max, config.boot_variance
+        )
 
     @property
     def stage(self) -> int:
@@ -563,9 +648,19 @@ class BNEM(NEM):
             accept = t_loss * (c.bootstrap_mc - 1) / c.bootstrap_mc > u_loss
             self.net.train()
             if bool(accept.any()):
-                boot = bootstrap_noised_energy(self._teacher, yt[accept], sig_t[accept], sig_s[accept], s[accept],
-                                               c.bootstrap_mc, self.generator, log_terms[accept], c.n_mc,
-                                               self.center if self.particles else None, c.mc_chunk)
+                boot = bootstrap_noised_energy(
+                    self._teacher,
+                    yt[accept],
+                    sig_t[accept],
+                    sig_s[accept],
+                    s[accept],
+                    c.bootstrap_mc,
+                    self.generator,
+                    log_terms[accept],
+                    c.n_mc,
+                    self.center if self.particles else None,
+                    c.mc_chunk,
+                )
                 target = target.clone()
                 target[accept] = boot
         rate = float(accept.float().mean())
