@@ -294,6 +294,15 @@ def _display_name(kind: str, key: str) -> str:
         return key
 
 
+def _registered(key: str) -> bool:
+    try:
+        import methods
+
+        return key in methods.names()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @dataclass
 class TimingTable:
     """The timing table of one target: ``cells`` (method -> column -> numbers, raw), ``columns``, ``rows``
@@ -372,7 +381,8 @@ def timing_table(
     if len(grids) > 1:
         raise ValueError(f"timing tables compare runs of one grid; target {target!r} has runs of {grids}")
     grid = grids[0] if grids else "?"
-    methods_all = sorted(set(tr["method"]) | set(methods_expected or []))
+    # the caller's order (the grid's: registry order), then any other method in the records alphabetically
+    methods_all = list(dict.fromkeys([*(methods_expected or []), *sorted(set(tr["method"]))]))
     if baseline is not None and baseline not in methods_all:
         raise ValueError(
             f"baseline method {baseline!r} has no runs on {target}; methods: {', '.join(methods_all)}"
@@ -430,7 +440,8 @@ def timing_table(
         c = cells[m]
         name = _display_name("method", m) + (" (baseline)" if m == baseline else "")
         if c["n_runs"] == 0:
-            rows.append([name, "missing"] + ["—"] * (len(columns) - 2))
+            why = "missing" if _registered(m) else "missing (not registered)"
+            rows.append([name, why] + ["—"] * (len(columns) - 2))
             continue
         runs_txt = _status_summary(c["statuses"])
         if c["used"] == 0:  # only failed / timeout runs
@@ -597,9 +608,9 @@ def timing_report(
         )
     levels = quality_levels(df, metric, threshold, level)
     runs = summarise_runs(df, metric, levels)
-    present = sorted(set(runs["method"]) | set(methods_expected or []))
+    present = list(dict.fromkeys([*(methods_expected or []), *sorted(set(runs["method"]))]))
     if baseline is None:
-        baseline = default_baseline(present)
+        baseline = default_baseline(sorted(set(runs["method"])))
     elif baseline not in present:
         raise ValueError(
             f"unknown baseline method {baseline!r}; methods in the records: {', '.join(present)}"
