@@ -622,7 +622,7 @@ def timing_report(
             metric,
             levels[t],
             baseline,
-            methods_expected or present,
+            present,
             None if level is not None else threshold,
         )
         for t in sorted(runs["target"].unique())
