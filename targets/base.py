@@ -35,7 +35,9 @@ class Target(ABC):
     def check_input(self, x: Tensor) -> Tensor:
         """Validate a batch of configurations: a floating tensor of shape [B, dim], finite."""
         if not isinstance(x, Tensor):
-            raise ValueError(f"{self.name}: expected a torch.Tensor of shape [batch, {self.dim}], got {type(x)}")
+            raise ValueError(
+                f"{self.name}: expected a torch.Tensor of shape [batch, {self.dim}], got {type(x)}"
+            )
         if x.ndim != 2 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"{self.name}: expected shape [batch, {self.dim}], got {list(x.shape)}"
@@ -68,6 +70,21 @@ class Target(ABC):
         """(E(x) [B], ∇E(x) [B, dim]), detached from any graph."""
         return self._energy_and_grad(self.check_input(x))
 
+    def _laplacian(self, x: Tensor) -> Tensor:
+        """Default: exact trace of the autograd Hessian (dim backward passes). Families override."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self._energy(xg).sum(), xg, create_graph=True)
+            lap = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            for k in range(x.shape[1]):
+                (h,) = torch.autograd.grad(g[:, k].sum(), xg, retain_graph=True)
+                lap = lap + h[:, k]
+        return lap.detach()
+
+    def laplacian(self, x: Tensor) -> Tensor:
+        """ΔE(x) = tr ∇²E(x): [B, dim] -> [B] (for the temperature check β̂ = E[ΔE] / E[|∇E|²])."""
+        return self._laplacian(self.check_input(x))
+
     def log_prob(self, x: Tensor) -> Tensor:
         """Unnormalised log-density −E(x) [B] (GMM-40: normalised)."""
         return -self.energy(x)
@@ -77,17 +94,20 @@ class Target(ABC):
         return -self.energy_and_grad(x)[1]
 
     # ------------------------------------------------------------------ reference samples
-    def reference(self, split: str = "test", n: int | None = None) -> Tensor:
-        """Reference samples [N, dim] (float32, CPU, centred for particle targets). ``n`` takes the first n."""
+    def reference(self, split: str = "test", n: int | None = None, source: str | None = None) -> Tensor:
+        """Reference samples [N, dim] (float32, CPU, centred for particle targets). ``n`` takes the first n.
+
+        ``source`` forces "published", "generated" or "exact" (default: the first available; see
+        targets/reference.py)."""
         from targets import reference as _ref
 
-        return _ref.load_reference(self, split, n)
+        return _ref.load_reference(self, split, n, source)
 
-    def reference_info(self, split: str = "test") -> dict[str, Any]:
+    def reference_info(self, split: str = "test", source: str | None = None) -> dict[str, Any]:
         """Provenance of a reference split: source (published / generated / exact), file, sha256, ..."""
         from targets import reference as _ref
 
-        return _ref.reference_info(self, split)
+        return _ref.reference_info(self, split, source)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
@@ -144,7 +164,8 @@ class ParticleTarget(Target):
         returns ∇_x Σ_{i<j} φ(r_ij) as [B, n, d]."""
         i, j = self.pair_indices(diff.device)
         f = coef.unsqueeze(-1) * diff
-        g = torch.zeros(diff.shape[0], self.n_particles, self.spatial_dim, dtype=diff.dtype, device=diff.device)
+        shape = (diff.shape[0], self.n_particles, self.spatial_dim)
+        g = torch.zeros(shape, dtype=diff.dtype, device=diff.device)
         g.index_add_(1, i, f)
         g.index_add_(1, j, -f)
         return g

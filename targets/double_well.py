@@ -40,3 +40,12 @@ class DoubleWell4(ParticleTarget):
         coef = dphi / d.clamp_min(torch.finfo(d.dtype).tiny)
         g = self.scatter_pair_forces(coef, diff)
         return e, g.reshape(x.shape)
+
+    def _laplacian(self, x: Tensor) -> Tensor:
+        """ΔE [B]: per pair, Δ over both particles = 2 (φ''(d) + (D − 1) φ'(d) / d)."""
+        d = self.pair_vectors(x.detach()).norm(dim=-1)
+        u = d - OFFSET
+        d1 = 4 * A * u**3 + 2 * B * u
+        d2 = 12 * A * u**2 + 2 * B
+        D = self.spatial_dim
+        return (2.0 * (d2 + (D - 1) * d1 / d.clamp_min(torch.finfo(d.dtype).tiny))).sum(-1)

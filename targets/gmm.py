@@ -3,8 +3,8 @@
 Construction (fab-torch ``GMM(dim=2, n_mixes=40, loc_scaling=40, log_var_scaling=1.0)`` after
 ``torch.manual_seed(0)``): means = (rand(40, 2) − 0.5)·2·40, per-dimension std softplus(1) = 1.3132616,
 equal weights, *normalised* density. We draw the means from a private generator seeded with 0, which gives
-the same CPU mt19937 stream as ``torch.manual_seed(0); torch.rand(40, 2)`` without touching the global RNG (drawn in float32 whatever the default dtype:
-a float64 draw gives a different stream).
+the same CPU mt19937 stream as ``torch.manual_seed(0); torch.rand(40, 2)`` without touching the global RNG
+(drawn in float32 whatever the default dtype: a float64 draw gives a different stream).
 fab-torch also sets log p = −inf below −1e4 (|x − μ| ≳ 186 from every mean); we keep the smooth density
 there (finite gradients) — it only differs far outside the [−50, 50]² box any method samples in.
 """

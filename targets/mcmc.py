@@ -476,12 +476,14 @@ def run_chains(
     project: Projection | None = None,
     n_leapfrog: int = 5,
     progress: Callable[[int], None] | None = None,
+    on_step: Callable[[int, ChainState], None] | None = None,
 ) -> RunResult:
     """Burn in (adapting step sizes toward ``target_accept``; default per kernel), then run n_samples·thin
     steps with fixed step sizes, keeping every ``thin``-th state. x0 [C, dim]; returns a ``RunResult``.
 
     With ``exchange``, chains follow its [K, M] layout (``beta`` is then taken from it) and swaps are proposed
-    every ``swap_every`` steps in both phases. ``progress(k)`` is called after each block of k steps.
+    every ``swap_every`` steps in both phases. ``progress(k)`` is called after each block of k steps;
+    ``on_step(t, state)`` after every sampling-phase step t (e.g. to accumulate running averages).
     """
     if kind not in TARGET_ACCEPT:
         raise ValueError(f"unknown MCMC kernel {kind!r}; valid kernels: {', '.join(TARGET_ACCEPT)}")
@@ -517,6 +519,8 @@ def run_chains(
         acc = one(n_burnin + t)
         stats.update(acc)
         trace.append(state.energy.detach().clone())
+        if on_step is not None:
+            on_step(t, state)
         if (t + 1) % thin == 0:
             samples.append(state.x.detach().clone())
             energies.append(state.energy.detach().clone())
