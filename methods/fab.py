@@ -258,7 +258,7 @@ class FAB(Method):
     def _build_flow(self, gen: torch.Generator) -> torch.nn.Module:
         c, t = self.config, self.target
         if c.flow == "realnvp":
-            return RealNVP(t.dim, c.n_layers, c.hidden, c.base_scale, generator=gen)
+            return RealNVP(t.dim, c.n_layers, c.hidden, c.base_scale, generator=gen, dtype=self.dtype)
         from methods.nets import EGNN
 
         field = EGNN(t.n_particles, t.spatial_dim, hidden=c.hidden, n_layers=c.n_layers)

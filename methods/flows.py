@@ -86,18 +86,20 @@ class InvertibleLinearLU(nn.Module):
     convolutions; log|det W| = Σ log_s.
     """
 
-    def __init__(self, dim: int, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, dim: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         a = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
         q, _ = torch.linalg.qr(a)
         p, lower, upper = torch.linalg.lu(q)
         diag = torch.diagonal(upper)
-        self.register_buffer("perm", p.float())
-        self.register_buffer("sign", torch.sign(diag).float())
-        self.register_buffer("lmask", torch.tril(torch.ones(dim, dim), -1))
-        self.lower = nn.Parameter(lower.float())
-        self.upper = nn.Parameter(torch.triu(upper, 1).float())
-        self.log_s = nn.Parameter(torch.log(diag.abs()).float())
+        self.register_buffer("perm", p.to(dtype))
+        self.register_buffer("sign", torch.sign(diag).to(dtype))
+        self.register_buffer("lmask", torch.tril(torch.ones(dim, dim, dtype=dtype), -1))
+        self.lower = nn.Parameter(lower.to(dtype))
+        self.upper = nn.Parameter(torch.triu(upper, 1).to(dtype))
+        self.log_s = nn.Parameter(torch.log(diag.abs()).to(dtype))
 
     def weight(self) -> Tensor:
         eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
@@ -124,6 +126,7 @@ class RealNVP(nn.Module):
         base_scale: initial std of the base in the flow's coordinates (fab-torch: 1.0).
         generator: CPU generator for the random rotations (network weights use torch's default init, so
             build the flow under a seeded ``torch.random.fork_rng`` for reproducibility).
+        dtype: parameter dtype (built in it, so that the initial rotations are orthogonal to its precision).
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class RealNVP(nn.Module):
         hidden: int = 80,
         base_scale: float = 1.0,
         generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if dim < 2 or n_layers < 1 or hidden < 1 or base_scale <= 0:
@@ -141,12 +145,12 @@ class RealNVP(nn.Module):
                 f"got dim={dim}, n_layers={n_layers}, hidden={hidden}, base_scale={base_scale}"
             )
         self.dim = dim
-        self.base_loc = nn.Parameter(torch.zeros(dim))
-        self.base_log_scale = nn.Parameter(torch.full((dim,), math.log(base_scale)))
+        self.base_loc = nn.Parameter(torch.zeros(dim, dtype=dtype))
+        self.base_log_scale = nn.Parameter(torch.full((dim,), math.log(base_scale), dtype=dtype))
         layers: list[nn.Module] = []
         for _ in range(n_layers):
-            layers.append(AffineCoupling(dim, hidden))
-            layers.append(InvertibleLinearLU(dim, generator))
+            layers.append(AffineCoupling(dim, hidden).to(dtype))
+            layers.append(InvertibleLinearLU(dim, generator, dtype))
         self.layers = nn.ModuleList(layers)
 
     # --------------------------------------------------------------- base distribution
