@@ -78,7 +78,9 @@ def test_non_finite_entries_are_never_drawn() -> None:
 def test_adjust_updates_weights_and_log_q() -> None:
     buf = _filled([1.0, 1.0, 1.0])
     idx = torch.tensor([0, 2])
-    buf.adjust(idx, torch.tensor([math.log(3.0), -float("inf")]), torch.tensor([5.0, 6.0], dtype=torch.float64))
+    buf.adjust(
+        idx, torch.tensor([math.log(3.0), -float("inf")]), torch.tensor([5.0, 6.0], dtype=torch.float64)
+    )
     assert float(buf.log_w[0]) == pytest.approx(math.log(3.0))
     assert float(buf.log_q_old[0]) == 5.0
     assert math.isinf(float(buf.log_w[2]))
