@@ -3,10 +3,10 @@
 BNEM's ``EnergyNet.forward_e`` (tonyauyeung/BNEM, ``energy_net_wrapper.py``) returns the *log-density* −E_θ;
 here every module returns the **energy** E_θ (kT = 1), so −E_θ below is the published expression:
 
-- ``MLPEnergy`` (GMM-40): v = TimeMLP(t, x) ∈ R^d,  −E_θ = −‖v‖₂ + Σ_j v_j + c  (c a learnable scalar).
+- ``MLPEnergy`` (GMM-40): v = TimeMLP(t, x) ∈ R^d, −E_θ = −‖v‖₂ + Σ_j v_j + c (c a learnable scalar).
 - ``EGNNEnergy`` (particles): (vel, h) = EGNN.forward_with_features(t, x), −E_θ,i = −‖vel_i‖ + h_i per
-  particle i (``out_node_features = 1``), E_θ = Σ_i E_θ,i. vel is equivariant and mean-free and h invariant, so
-  E_θ is invariant to rotations, reflections, translations and permutations of the particles.
+  particle i (``out_node_features = 1``), E_θ = Σ_i E_θ,i. vel is equivariant and mean-free and h
+  invariant, so E_θ is invariant to rotations, reflections, translations and permutations of the particles.
 
 ``energy_and_score`` differentiates E_θ with autograd: score = −∇_x E_θ (graph kept only with
 ``create_graph=True``), optionally clipped per sample to a maximal L2 norm over the flattened vector
