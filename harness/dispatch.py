@@ -282,7 +282,9 @@ class Progress:
         if rec is not None:
             u = rec.usage
             line += f"  steps={u.get('steps')} energy_evals={u.get('energy_evals')}"
-            if rec.evaluations:
+            if rec.evaluations and rec.evaluations[-1].get("reference_error"):
+                line += "  (no reference: metrics skipped)"
+            elif rec.evaluations:
                 m = rec.evaluations[-1].get("metrics", {})
                 shown = [f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)][:3]
                 line += "  " + " ".join(shown)

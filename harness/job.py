@@ -11,6 +11,9 @@ of the budget (sampling inside ``counted.sampling()`` and calling ``harness.metr
 Outcomes: ``ok``; ``diverged`` (non-finite loss, parameters or samples, or an energy asked at a non-finite
 configuration: the step and the reason are in ``stop_reason``); ``failed`` (any other exception: traceback in
 ``error``; the checkpoint is kept so a re-run resumes); ``timeout`` (SLURM timed out too many times).
+A target whose reference samples are not available (e.g. LJ references not generated yet) still trains
+and samples; its evaluations then carry no metrics and say why in ``reference_error`` (and the record's
+``reference`` holds the error).
 
 Checkpoints are written every ``checkpoint_every_s`` seconds of wall-clock, after each evaluation, and at a
 step boundary when SIGTERM or SIGUSR2 arrives (the signal is then passed on to the handler installed before,
@@ -274,7 +277,7 @@ def _run_locked(
                 },
             )
 
-        reference: torch.Tensor | None = None
+        reference: torch.Tensor | bool | None = None  # False: no reference available (metrics skipped)
         last_ckpt = time.monotonic()
         with _SignalCatcher() as catcher:
             try:
@@ -285,12 +288,18 @@ def _run_locked(
                     if due:
                         if reference is None:
                             n_gen, n_ref = _eval_sizes(spec)
-                            reference = target.reference("test", n_ref)
                             try:
+                                reference = target.reference("test", n_ref)
                                 reference_info = dict(target.reference_info("test"))
-                            except Exception as e:  # provenance is informative only
+                            except FileNotFoundError as e:  # e.g. LJ references not generated yet
+                                reference = False
                                 reference_info = {"error": f"{type(e).__name__}: {e}"}
-                        entry, samples = _evaluate(method, counted, target, spec, reference, n_gen, due, frac)
+                        entry, samples = _evaluate(
+                            method, counted, target, spec, reference if reference is not False else None,
+                            n_gen, due, frac,
+                        )
+                        if reference is False:
+                            entry["reference_error"] = reference_info["error"]
                         evaluations.append(entry)
                         diagnostics = entry.get("diagnostics", {})
                         next_eval += len(due)
@@ -375,10 +384,11 @@ def _write_record(
 
 
 def _evaluate(
-    method: Any, counted: CountingTarget, target: Any, spec: RunSpec, reference: torch.Tensor, n_gen: int,
-    due: list[float], frac: float,
+    method: Any, counted: CountingTarget, target: Any, spec: RunSpec, reference: torch.Tensor | None,
+    n_gen: int, due: list[float], frac: float,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Sample ``n_gen`` configurations, compute the metrics; returns (evaluation entry, samples on CPU)."""
+    """Sample ``n_gen`` configurations, compute the metrics (none without a reference); returns
+    (evaluation entry, samples on CPU)."""
     t0 = time.perf_counter()
     with counted.sampling():
         x = method.sample(n_gen)
@@ -389,7 +399,7 @@ def _evaluate(
         )
     finite = torch.isfinite(x).all(dim=1)
     n_nonfinite = int((~finite).sum())
-    metrics = _evaluate_metrics(x, reference, target, spec.protocol)
+    metrics = _evaluate_metrics(x, reference, target, spec.protocol) if reference is not None else {}
     metrics = {
         k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in metrics.items()
     }

@@ -1,0 +1,193 @@
+"""The training loop run_one: exact counts, evaluation points, records, divergence / failure handling,
+checkpoints (safe loading) and bitwise-identical resume, seed reproducibility, the cell lock."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from harness import checkpoint as ck
+from harness import job
+from harness.records import RunRecord, RunSpec
+
+
+def _fast_metrics(samples, reference, target, protocol):
+    # deterministic stand-in for harness.metrics.evaluate: a function of the samples only
+    s = samples[torch.isfinite(samples).all(1)]
+    return {"x_w2": float((s.double().mean(0) - reference.double().mean(0)).norm()),
+            "e_w2": float(target.energy(s).double().mean())}
+
+
+@pytest.fixture
+def fast_metrics(monkeypatch):
+    monkeypatch.setattr(job, "_evaluate_metrics", _fast_metrics)
+
+
+def _spec(**kw) -> RunSpec:
+    base = dict(grid="test", target="dw4", method="toy", seed=7, config={"batch_size": 16},
+                budget={"steps": 10}, eval_fractions=(0.1, 0.3, 1.0), n_eval_samples=32)
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def _samples(root, spec):
+    with np.load(spec.run_dir(root) / "samples.npz") as f:
+        return f["samples"]
+
+
+def test_counts_evaluation_points_and_record(toy_method, fast_metrics, results):
+    spec = _spec()
+    rec = job.run_one(spec, results, threads=1)
+    assert rec.status == "ok" and rec.stop_reason == "steps"
+    u = rec.usage
+    # the toy method evaluates energy and gradient once per step on batch_size configurations
+    assert u["steps"] == 10 and u["train_energy_evals"] == 10 * 16 and u["grad_evals"] == 10 * 16
+    assert u["energy_evals"] == u["train_energy_evals"] + u["sample_energy_evals"]
+    # evaluations at 10 %, 30 %, 100 % of a 10-step budget: after steps 1, 3 and 10
+    assert [e["step"] for e in rec.evaluations] == [1, 3, 10]
+    assert [e["fraction"] for e in rec.evaluations] == [0.1, 0.3, 1.0]
+    assert [e["usage"]["steps"] for e in rec.evaluations] == [1, 3, 10]
+    assert all(e["n_samples"] == 32 and e["n_nonfinite"] == 0 for e in rec.evaluations)
+    assert rec.config["batch_size"] == 16 and rec.config["lr"] == 0.05
+    assert rec.environment["versions"]["torch"] == torch.__version__.split("+")[0] or torch.__version__
+    assert rec.environment["torch_threads"] == 1
+    assert rec.samples_file == "samples.npz"
+    x = _samples(results, spec)
+    assert x.dtype == np.float32 and x.shape == (32, 8)
+    np.testing.assert_allclose(x.reshape(32, 4, 2).mean(1), 0, atol=1e-5)  # centred particles
+    on_disk = RunRecord.read(spec.run_dir(results) / "record.json")
+    assert on_disk.to_dict() == json.loads(json.dumps(rec.to_dict()))
+    assert not (spec.run_dir(results) / ck.CHECKPOINT_NAME).exists()  # removed once done
+
+
+def test_energy_budget_stops_after_the_crossing_step(toy_method, fast_metrics, results):
+    rec = job.run_one(_spec(budget={"energy_evals": 100}, eval_fractions=(1.0,)), results)
+    assert rec.stop_reason == "energy_evals"
+    assert rec.usage["train_energy_evals"] == 112  # 7 steps x 16: the step that crosses 100 completes
+    assert rec.usage["steps"] == 7
+
+
+def test_same_seed_same_results_other_seed_differs(toy_method, fast_metrics, tmp_path):
+    spec = _spec(target="gmm40")
+    a = job.run_one(spec, tmp_path / "a")
+    b = job.run_one(spec, tmp_path / "b")
+    c = job.run_one(replace(spec, seed=8), tmp_path / "c")
+    assert [e["metrics"] for e in a.evaluations] == [e["metrics"] for e in b.evaluations]
+    np.testing.assert_array_equal(_samples(tmp_path / "a", spec), _samples(tmp_path / "b", spec))
+    assert not np.array_equal(_samples(tmp_path / "a", spec), _samples(tmp_path / "c", spec))
+
+
+class _Kill(BaseException):
+    """Simulates a process killed right after a checkpoint (not an Exception: no record is written)."""
+
+
+@pytest.mark.parametrize("kill_at", [2, 3, 6])
+def test_resume_at_a_checkpoint_is_bitwise_identical(toy_method, fast_metrics, tmp_path, kill_at):
+    spec = _spec(budget={"steps": 8})
+    ref = job.run_one(spec, tmp_path / "ref", checkpoint_every_s=1e9)
+
+    def kill(step, logs):
+        if step == kill_at:
+            raise _Kill()
+
+    root = tmp_path / "cut"
+    with pytest.raises(_Kill):
+        job.run_one(spec, root, checkpoint_every_s=0.0, on_step=kill)
+    run_dir = spec.run_dir(root)
+    assert not (run_dir / "record.json").exists()
+    state = torch.load(run_dir / ck.CHECKPOINT_NAME, weights_only=True)  # safe loading
+    assert state["usage"]["steps"] == kill_at
+    resumed = job.run_one(spec, root, checkpoint_every_s=0.0)
+    for key in ("steps", "energy_evals", "grad_evals", "sample_energy_evals"):
+        assert resumed.usage[key] == ref.usage[key]
+    assert [e["metrics"] for e in resumed.evaluations] == [e["metrics"] for e in ref.evaluations]
+    assert [e["step"] for e in resumed.evaluations] == [e["step"] for e in ref.evaluations]
+    np.testing.assert_array_equal(_samples(root, spec), _samples(tmp_path / "ref", spec))
+    assert resumed.started_at is not None
+
+
+def test_divergence_is_recorded_with_step_and_reason(toy_method, fast_metrics, results):
+    rec = job.run_one(_spec(config={"diverge_at_step": 4}), results)
+    assert rec.status == "diverged"
+    assert "non-finite" in rec.stop_reason and "step 4" in rec.stop_reason
+    assert rec.usage["steps"] == 4
+    rec = job.run_one(_spec(target="gmm40", config={"nan_samples": True}), results)
+    assert rec.status == "diverged" and "non-finite samples" in rec.stop_reason
+    assert rec.evaluations[0]["n_nonfinite"] == 1
+
+
+def test_failure_keeps_the_checkpoint_and_a_rerun_resumes(toy_method, fast_metrics, results):
+    spec = _spec(config={"fail_at_step": 5})
+    rec = job.run_one(spec, results, checkpoint_every_s=0.0)
+    assert rec.status == "failed" and "toy failure at step 5" in rec.error and "Traceback" in rec.error
+    assert rec.usage["steps"] == 4
+    state = ck.load_checkpoint(spec.run_dir(results))
+    assert state is not None and state["usage"]["steps"] == 4
+    # a failed cell is not "done": run_one runs it again from its checkpoint (here it fails again at once,
+    # because the toy's step counter was restored to 4)
+    again = job.run_one(spec, results, checkpoint_every_s=0.0)
+    assert again.status == "failed" and again.usage["steps"] == 4
+
+
+def test_done_cell_is_returned_not_rerun(toy_method, fast_metrics, results):
+    spec = _spec()
+    first = job.run_one(spec, results)
+    calls = []
+    second = job.run_one(spec, results, on_step=lambda s, logs: calls.append(s))
+    assert calls == [] and second.finished_at == first.finished_at
+
+
+def test_checkpoint_of_another_spec_is_refused(toy_method, fast_metrics, results):
+    spec = _spec(budget={"steps": 6})
+
+    def kill(step, logs):
+        if step == 2:
+            raise _Kill()
+
+    with pytest.raises(_Kill):
+        job.run_one(spec, results, checkpoint_every_s=0.0, on_step=kill)
+    rec = job.run_one(replace(spec, seed=99), results)
+    assert rec.status == "failed" and "different spec" in rec.error
+
+
+def test_a_locked_cell_is_not_started_twice(toy_method, fast_metrics, results):
+    spec = _spec()
+    with ck.CellLock(spec.run_dir(results)):
+        holder = ck.is_locked(spec.run_dir(results))
+        assert holder is not None and holder["pid"] > 0
+        with pytest.raises(ck.CellBusyError, match="another process"):
+            job.run_one(spec, results)
+    assert ck.is_locked(spec.run_dir(results)) is None
+    assert job.run_one(spec, results).status == "ok"
+
+
+def test_missing_reference_skips_metrics_but_trains(toy_method, fast_metrics, results, monkeypatch):
+    import targets.base
+
+    def no_reference(self, split="test", n=None):
+        raise FileNotFoundError("no reference here")
+
+    monkeypatch.setattr(targets.base.Target, "reference", no_reference)
+    rec = job.run_one(_spec(), results)
+    assert rec.status == "ok" and rec.usage["steps"] == 10
+    assert all(e["metrics"] == {} and "no reference here" in e["reference_error"] for e in rec.evaluations)
+    assert "no reference here" in rec.reference["error"]
+
+
+def test_real_metrics_path(toy_method, results):
+    """The loop calls harness.metrics.evaluate (the real module once it exists)."""
+    rec = job.run_one(_spec(target="gmm40", budget={"steps": 2}, eval_fractions=(1.0,), n_eval_samples=16),
+                      results)
+    assert rec.status == "ok", rec.error
+    assert {"x_w2", "e_w2"} <= set(rec.evaluations[-1]["metrics"])
+
+
+def test_bad_device_fails_cleanly(toy_method, fast_metrics, results):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    rec = job.run_one(_spec(device="cuda"), results)
+    assert rec.status == "failed" and "CUDA is not available" in rec.error
