@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compare a pytest-benchmark JSON (``make bench`` writes results/bench.json) against a stored baseline.
 
-    python scripts/bench_compare.py [CURRENT] [BASELINE] [--stat median] [--factor 1.5] [--fail]
+    python scripts/bench_compare.py [CURRENT] [BASELINE] [--stat min] [--factor 1.5] [--fail]
                                     [--ratio SLOW FAST ...]
 
 Prints, per benchmark present in both files, the baseline and current times and the ratio current/baseline
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("current", nargs="?", default="results/bench.json")
     p.add_argument("baseline", nargs="?", default="results/bench_baseline.json")
-    p.add_argument("--stat", default="median", choices=STATS, help="statistic compared (default median)")
+    p.add_argument("--stat", default="min", choices=STATS, help="statistic compared (default min)")
     p.add_argument("--factor", type=float, default=1.5, help="flag ratios above this (default 1.5)")
     p.add_argument("--fail", action="store_true", help="exit 1 when a regression is flagged")
     p.add_argument(

@@ -1,5 +1,6 @@
 """Micro-benchmarks of the samplers (``make bench``): one training step at each method's ``paper`` settings
-and drawing 1000 samples, per target.
+and drawing 1000 samples, per target; energy + gradient of every target at batch 1024; the whole
+``smoke`` grid end to end.
 
 Parametrised at collection time over ``methods.PLANNED`` ∪ the registered methods (unregistered ones are
 skipped with a reason) and over the targets chosen by ``--bench-targets`` (default on CPU: gmm40, dw4 —
@@ -27,6 +28,7 @@ from harness.budget import CountingTarget
 CPU_DEFAULT_TARGETS = ("gmm40", "dw4")
 WARMUP_STEPS = 2
 N_SAMPLES = 1000
+ENERGY_BATCH = 1024
 
 
 def _chosen(
@@ -51,6 +53,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(
             "target_name", _chosen(cfg, "bench_targets", targets.names(), CPU_DEFAULT_TARGETS)
         )
+    if "any_target" in metafunc.fixturenames:  # cheap benchmarks: every target unless --bench-targets says
+        metafunc.parametrize("any_target", _chosen(cfg, "bench_targets", targets.names(), ()))
     if "method_name" in metafunc.fixturenames:
         registered = methods.names()
         planned = list(dict.fromkeys([*methods.PLANNED, *registered]))
@@ -62,6 +66,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for k in keys
         ]
         metafunc.parametrize("method_name", params)
+
+
+def test_energy_and_grad(any_target: str, bench_device: torch.device, timed: Any, benchmark: Any) -> None:
+    """E and ∇E of a batch of ``ENERGY_BATCH`` configurations (float32, the target's own implementation;
+    the LJ-55 comparison against the straightforward autograd formulation is in bench_targets.py)."""
+    t = targets.get(any_target)
+    gen = torch.Generator(device=bench_device).manual_seed(0)
+    x = torch.randn(ENERGY_BATCH, t.dim, generator=gen, device=bench_device) * t.length_scale
+    if t.n_particles is not None:
+        x = t.center(x)
+    e, g = timed(t.energy_and_grad, x)
+    assert e.shape == (ENERGY_BATCH,) and g.shape == x.shape
+    benchmark.extra_info["batch"] = ENERGY_BATCH
 
 
 def paper_config(method_name: str, target_name: str) -> Any:
@@ -110,3 +127,21 @@ def test_sample_1000(
     x = timed(draw, pedantic=True, rounds=1, warmup_rounds=0)
     assert x.shape == (N_SAMPLES, counted.dim)
     benchmark.extra_info["sample_energy_evals"] = counted.usage.sample_energy_evals - before
+
+
+def test_smoke_grid(tmp_path: Any, benchmark: Any, bench_device: torch.device) -> None:
+    """The whole ``smoke`` grid end to end (``python -m harness.run --grid smoke``, local executor, fresh
+    results directory): the issue's goal is ≤ 5 minutes on a 2-core CPU. One round; the wall-clock is the
+    benchmark's time, the number of cells and their statuses go to ``extra_info``."""
+    from harness import run as harness_run
+    from harness.records import RunRecord
+
+    root = tmp_path / "runs"
+    argv = ["--grid", "smoke", "--executor", "local", "--results", str(root), "--device", bench_device.type]
+    rc = benchmark.pedantic(lambda: harness_run.main(argv), rounds=1, iterations=1, warmup_rounds=0)
+    records = [RunRecord.read(p) for p in sorted(root.rglob("record.json"))]
+    statuses = [r.status for r in records]
+    benchmark.extra_info.update(
+        {"cells": len(records), "statuses": {s: statuses.count(s) for s in set(statuses)}}
+    )
+    assert rc == 0 and records
