@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def _toy_classes() -> tuple[type, type]:
         fail_at_step: int | None = None  # raise RuntimeError at this step
         nan_samples: bool = False  # sample() returns NaNs
         step_sleep_s: float = 0.0  # make steps slow (kill tests)
+        exit_at_step: int | None = None  # the process dies (os._exit) at this step: a killed job
         hidden: tuple[int, ...] = (4, 4)  # unused; exercises tuple parsing
 
     class Toy(Method):
@@ -67,6 +69,8 @@ def _toy_classes() -> tuple[type, type]:
             c = self.config
             if c.step_sleep_s:
                 time.sleep(c.step_sleep_s)
+            if c.exit_at_step is not None and self.n_steps >= c.exit_at_step:
+                os._exit(3)
             if c.fail_at_step is not None and self.n_steps >= c.fail_at_step:
                 raise RuntimeError(f"toy failure at step {self.n_steps}")
             x, eps = self._draw(c.batch_size)
