@@ -28,8 +28,8 @@ def fast_metrics(monkeypatch):
 
 
 def _spec(**kw) -> RunSpec:
-    base = dict(grid="t", target="gmm40", method="toy", seed=3, budget={"steps": 4}, eval_fractions=(0.5, 1.0),
-                n_eval_samples=16)
+    base = dict(grid="t", target="gmm40", method="toy", seed=3, budget={"steps": 4},
+                eval_fractions=(0.5, 1.0), n_eval_samples=16)
     base.update(kw)
     return RunSpec(**base)
 

@@ -122,5 +122,6 @@ def test_help_documents_every_flag():
     assert p.returncode == 0
     for flag in ("--grid", "--methods", "--targets", "--seeds", "--executor", "--device", "--partition",
                  "--time", "--gpus-per-task", "--cpus-per-task", "--mem-gb", "--array-parallelism",
-                 "--slurm-opt", "--results", "--dry-run", "--force", "--wait", "--no-wait", "--jobs", "--set"):
+                 "--slurm-opt", "--results", "--dry-run", "--force", "--wait", "--no-wait", "--jobs",
+                 "--set"):
         assert flag in p.stdout, flag
