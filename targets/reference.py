@@ -91,7 +91,7 @@ def generated_dirs() -> list[Path]:
 
 
 def default_output_dir() -> Path:
-    """Output of ``python -m targets.reference``: ``$BOLTZBENCH_DATA/generated`` or ``<repo>/data/generated``."""
+    """Where the CLI writes: ``$BOLTZBENCH_DATA/generated``, else ``<repo>/data/generated``."""
     env = os.environ.get(DATA_ENV)
     return (Path(env).expanduser() if env else REPO / "data") / "generated"
 
@@ -444,7 +444,8 @@ def gate_checks(
     """
     out: dict[str, Any] = {"saved_samples": saved, "chain_averages": chain, "rule": gate_checks.__doc__}
     items: list[tuple[str, float, float, float, float]] = []  # name, chain value, expected, saved, saved se
-    items.append(("beta_hat", chain["beta_hat"]["value"], 1.0, saved["beta_hat"]["value"], saved["beta_hat"]["se"]))
+    bh = saved["beta_hat"]
+    items.append(("beta_hat", chain["beta_hat"]["value"], 1.0, bh["value"], bh["se"]))
     if "virial" in saved:
         v = saved["virial"]
         items.append(("virial", chain["virial"]["value"], float(v["expected"]), v["value"], v["se"]))
@@ -490,7 +491,8 @@ class _RunningChecks:
         lap, g2, vir = (torch.stack(v) for v in (self.lap, self.g2, self.vir))  # [S, M]
         e = torch.stack(self.e)
         out: dict[str, Any] = {"n_states": int(lap.numel()), "every_steps": self.every}
-        out["energy_mean"] = {"value": e.mean().item(), "se": (e.mean(0).std() / math.sqrt(e.shape[1])).item()}
+        e_se = (e.mean(0).std() / math.sqrt(e.shape[1])).item()
+        out["energy_mean"] = {"value": e.mean().item(), "se": e_se}
         bh = lap.mean().item() / g2.mean().item()
         # standard errors from the spread of per-chain means (chains are independent)
         M = lap.shape[1]
@@ -549,6 +551,7 @@ def generate_reference(
     x0 = initial_positions(target, M * s.n_temps, s, torch.Generator().manual_seed(seed), dtype).to(dev)
     project = target.center if isinstance(target, ParticleTarget) else None
     total = s.n_burnin + per_chain * s.thin
+    n_grad_per_step = int(s.extra.get("n_leapfrog", 5)) if s.kernel == "hmc" else 1
     bar = None
     if progress:
         from tqdm import tqdm
@@ -560,7 +563,7 @@ def generate_reference(
         target, x0, gen, kind=s.kernel, n_burnin=s.n_burnin, n_samples=per_chain, thin=s.thin,
         step_size=s.step_size, target_accept=s.target_accept, exchange=rex, swap_every=s.swap_every,
         adapt_rate=s.adapt_rate, project=project, progress=(bar.update if bar is not None else None),
-        on_step=acc_checks,
+        on_step=acc_checks, n_leapfrog=n_grad_per_step,
     )
     wall = time.perf_counter() - t0
     if bar is not None:
@@ -588,7 +591,7 @@ def generate_reference(
         "wall_seconds": wall,
         "device": str(dev),
         # sampler evaluations (energy + gradient) of all temperatures; diagnostics not included
-        "energy_evals": int(total * M * s.n_temps * (s.extra.get("n_leapfrog", 5) if s.kernel == "hmc" else 1)),
+        "energy_evals": int(total * M * s.n_temps * n_grad_per_step),
         "acceptance_T1_mean": acc1.mean().item(),
         "acceptance_T1_min": acc1.min().item(),
         "burnin_acceptance_T1_mean": res.burnin_acceptance[:M].mean().item(),
@@ -670,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", required=True, help=f"one of {', '.join(targets.names())}")
     ap.add_argument("--n", type=int, default=10_000, help="samples per split (default 10000)")
     ap.add_argument("--splits", nargs="+", default=["test", "val"], help="splits (default: test val)")
-    ap.add_argument("--seed", type=int, default=None, help="MCMC seed (default 2000 test, 2001 val, 2002 train)")
+    ap.add_argument("--seed", type=int, default=None, help="seed (default 2000 test, 2001 val, 2002 train)")
     ap.add_argument("--out", type=Path, default=None, help=f"output dir (default {default_output_dir()})")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chains", type=int, default=None, help="chains at T = 1")

@@ -21,7 +21,7 @@ _MEANS: dict[tuple[str, int], float] = {}
 
 
 def straightforward_energy_and_grad(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E = Σ_{i≠j} [r^-12 − 2 r^-6] + ½ Σ|x_i − x̄|² over all ordered pairs, r = sqrt(|Δ|² + 1e-6); autograd."""
+    """E = Σ_{i≠j} [r^-12 − 2 r^-6] + ½ Σ|x_i − x̄|², all ordered pairs, r = sqrt(|Δ|² + 1e-6); autograd."""
     t = targets.get(name)
     n = t.n_particles
     with torch.enable_grad():
@@ -42,7 +42,9 @@ def _configs(name: str, B: int, device: torch.device) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["lj13", "lj55"])
-def test_lj_straightforward_autograd(timed: Any, benchmark: Any, bench_device: torch.device, name: str) -> None:
+def test_lj_straightforward_autograd(
+    timed: Any, benchmark: Any, bench_device: torch.device, name: str
+) -> None:
     benchmark.group = f"{name}-energy-grad-B1024-float32"
     x = _configs(name, 1024, bench_device)
     timed(straightforward_energy_and_grad, name, x)
@@ -64,7 +66,9 @@ def test_lj_analytic(timed: Any, benchmark: Any, bench_device: torch.device, nam
 
 
 @pytest.mark.parametrize("name,B", [("gmm40", 4096), ("dw4", 4096)])
-def test_energy_and_grad_other_targets(timed: Any, benchmark: Any, bench_device: torch.device, name, B) -> None:
+def test_energy_and_grad_other_targets(
+    timed: Any, benchmark: Any, bench_device: torch.device, name: str, B: int
+) -> None:
     benchmark.group = f"{name}-energy-grad-B{B}-float32"
     t = targets.get(name)
     g = torch.Generator().manual_seed(0)
