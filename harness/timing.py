@@ -69,6 +69,15 @@ def _host(env: dict[str, Any]) -> str | None:
     return None
 
 
+def _load_per_cpu(env: dict[str, Any]) -> float:
+    """1-minute load average per CPU when the record has it (``loadavg``, ``cpu_count``), else NaN."""
+    la, n = env.get("loadavg"), env.get("cpu_count")
+    try:
+        return float(la[0]) / float(n)
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):
+        return float("nan")
+
+
 def _device(rec: RunRecord) -> str:
     env = rec.environment or {}
     for k in ("device_name", "gpu", "device"):
@@ -96,6 +105,7 @@ def records_to_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
             "host": _host(rec.environment or {}),
             "device": _device(rec),
             "threads": (rec.environment or {}).get("torch_threads"),
+            "load": _load_per_cpu(rec.environment or {}),
             "n_eval_samples": s.n_eval_samples,
         }
         for k in USAGE_KEYS:
@@ -210,6 +220,7 @@ def summarise_runs(df: pd.DataFrame, metric: str, levels: dict[str, float]) -> p
                 "host": first["host"],
                 "device": first["device"],
                 "threads": first["threads"],
+                "load": first["load"],
                 "n_eval_samples": first["n_eval_samples"],
                 "train_s": train_s,
                 "sample_s": sample_s,
@@ -479,7 +490,9 @@ def timing_table(
         if baseline:
             b = cells[baseline]
             for key in ("speedup_wall", "speedup_evals"):
-                if c["n_reached"] == 0:
+                if not _finite(level):
+                    row.append("no level")
+                elif c["n_reached"] == 0:
                     row.append("not reached")
                 elif b["n_reached"] == 0:
                     row.append("baseline not reached")
@@ -529,6 +542,12 @@ def _notes(
         )
     else:
         notes.append(f"Measured on {where}.")
+    if "load" in tr.columns and (tr["load"].astype(float) > 1.0).any():
+        worst = float(tr["load"].astype(float).max())
+        notes.append(
+            f"WARNING: the machine was oversubscribed while some runs ran (1-min load average up to "
+            f"{worst:.1f} per CPU): their wall-clock numbers are inflated."
+        )
     return notes
 
 

@@ -246,6 +246,28 @@ def test_machine_mismatch_is_flagged() -> None:
     assert any("WARNING" in n and "torch threads: 1, 2" in n for n in t.notes)
 
 
+def test_oversubscribed_machine_is_flagged() -> None:
+    recs = _two_method_records()
+    recs[0].environment.update({"loadavg": [6.0, 5.0, 4.0], "cpu_count": 2})
+    (t,) = timing.timing_report(timing.records_to_frame(recs))
+    assert any("oversubscribed" in n and "3.0 per CPU" in n for n in t.notes)
+    recs[0].environment["loadavg"] = [1.0, 1.0, 1.0]
+    (t,) = timing.timing_report(timing.records_to_frame(recs))
+    assert not any("oversubscribed" in n for n in t.notes)
+
+
+def test_no_level_when_no_ok_run_has_the_metric() -> None:
+    recs = _two_method_records()
+    for r in recs:
+        for ev in r.evaluations:
+            ev["metrics"]["x_w2"] = float("nan")
+    (t,) = timing.timing_report(timing.records_to_frame(recs), baseline="slow")
+    assert math.isnan(t.level)
+    row = row_of(t, "fast")
+    assert row["time to level (s)"] == "no level" and row["speed-up vs slow (wall)"] == "no level"
+    assert row["final x_w2"] == "—"
+
+
 def test_latex_escapes_and_has_one_row_per_method() -> None:
     (t,) = timing.timing_report(timing.records_to_frame(_two_method_records()), baseline="slow")
     tex = t.latex()
