@@ -1,6 +1,6 @@
 """Micro-benchmarks of the samplers (``make bench``): one training step at each method's ``paper`` settings
-and drawing 1000 samples, per target; energy + gradient of every target at batch 1024; the whole
-``smoke`` grid end to end.
+and drawing 1000 samples, per target; the whole ``smoke`` grid end to end. (Energy + gradient per
+target: bench_targets.py.)
 
 Parametrised at collection time over ``methods.PLANNED`` ∪ the registered methods (unregistered ones are
 skipped with a reason) and over the targets chosen by ``--bench-targets`` (default on CPU: gmm40, dw4 —
@@ -28,7 +28,6 @@ from harness.budget import CountingTarget
 CPU_DEFAULT_TARGETS = ("gmm40", "dw4")
 WARMUP_STEPS = 2
 N_SAMPLES = 1000
-ENERGY_BATCH = 1024
 
 
 def _chosen(
@@ -53,8 +52,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(
             "target_name", _chosen(cfg, "bench_targets", targets.names(), CPU_DEFAULT_TARGETS)
         )
-    if "any_target" in metafunc.fixturenames:  # cheap benchmarks: every target unless --bench-targets says
-        metafunc.parametrize("any_target", _chosen(cfg, "bench_targets", targets.names(), ()))
     if "method_name" in metafunc.fixturenames:
         registered = methods.names()
         planned = list(dict.fromkeys([*methods.PLANNED, *registered]))
@@ -66,19 +63,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for k in keys
         ]
         metafunc.parametrize("method_name", params)
-
-
-def test_energy_and_grad(any_target: str, bench_device: torch.device, timed: Any, benchmark: Any) -> None:
-    """E and ∇E of a batch of ``ENERGY_BATCH`` configurations (float32, the target's own implementation;
-    the LJ-55 comparison against the straightforward autograd formulation is in bench_targets.py)."""
-    t = targets.get(any_target)
-    gen = torch.Generator(device=bench_device).manual_seed(0)
-    x = torch.randn(ENERGY_BATCH, t.dim, generator=gen, device=bench_device) * t.length_scale
-    if t.n_particles is not None:
-        x = t.center(x)
-    e, g = timed(t.energy_and_grad, x)
-    assert e.shape == (ENERGY_BATCH,) and g.shape == x.shape
-    benchmark.extra_info["batch"] = ENERGY_BATCH
 
 
 def paper_config(method_name: str, target_name: str) -> Any:
