@@ -1,0 +1,499 @@
+"""What PIS and DDS share: the Langevin-preconditioned control network, the discretised controlled SDE with
+its path-space objectives (reverse KL and log-variance), and log Z / importance-weight estimates.
+
+Both samplers simulate a Markov chain on K steps in *working coordinates* y = x / scale (GMM-40: scale 50, the
+iDEM / BNEM normalisation; particle targets: scale 1)::
+
+    y_{k+1} = a_k y_k + c_k u_θ(t_k, y_k) + s_k ε_k,    ε_k ~ N(0, I)  (centred for particle targets)
+
+whose uncontrolled version (u = 0) is the *reference* chain with a known Gaussian terminal marginal
+N(0, v_ref I).
+PIS: a = 1, c = g·dt, s = g·sqrt(dt) (Euler–Maruyama of dY = g u dt + g dW, Y_0 = 0, v_ref = g²T).
+DDS: a = sqrt(1 − β²), c = β²σ², s = σβ (exponential integrator of the OU reference, Y_0 ~ N(0, σ²),
+v_ref = σ²).
+
+Per step the exact discrete-time log Radon–Nikodym derivative of the controlled against the reference
+transition is, with r_k = c_k / s_k,   ½ r_k²|u_k|²  (running cost)  +  r_k u_k·ε_k  (zero-mean Itô term).
+So, with terminal cost Ψ(y) = log N(y; 0, v_ref) − log p̃(y)  (p̃ = exp(−E(scale·y)), unnormalised),
+
+    KL(controlled path ‖ target path) = E[Σ_k ½ r_k²|u_k|² + Ψ(y_K)] + log Z_y  ≥ 0,
+    log w = −Σ_k (½ r_k²|u_k|² + r_k u_k·ε_k) − Ψ(y_K),   E[exp(log w)] = Z_y  (exact for the discrete chain),
+
+and log Z of the target in its own coordinates is log Z_y + n_dof·log(scale). The KL loss is the batch mean of
+Σ ½ r²|u|² + Ψ(y_K), reparameterised through the whole chain (gradients flow through every y_k, the network
+and the terminal energy); the log-variance loss is the batch variance of log w on a detached trajectory
+(Richter & Berner), re-expressed so that it still depends on θ: Σ_k [r_k u_θ·z_k − ½ r_k²|u_θ|²] with
+z_k = (y_{k+1} − a_k y_k)/s_k the reference-noise increment of the detached path.
+
+The control network (PIS ``PISGRADNet`` / DDS):
+    u(t, y) = clip(NN₁(t, y), ±nn_clip) + NN₂(t) · clip(∇_y log p̃(y)),
+NN₁ the shared ``TimeMLP`` (GMM) or ``EGNN`` (particles), last layer zero-initialised; NN₂ a Fourier-time MLP
+(64 frequencies linspace(0.1, 100), 3 layers of width 64, last layer weight 0 and bias 0.01 as in PIS's
+``TimeConder``). Target scores are taken from ``energy_and_grad`` of the counting target and treated as inputs
+(no second derivatives of E); the terminal cost back-propagates through ``energy_and_grad`` with a custom
+autograd function, so every target evaluation is counted once (energy + gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import Method, MethodConfig
+from methods.nets import EGNN, FourierTimeEmbedding, TimeMLP
+
+ControlFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # u(t [B], y [B, dim], score [B, dim]) -> [B, dim]
+ScoreFn = Callable[[Tensor], Tensor]  # score(y [B, dim]) -> [B, dim] (detached)
+
+
+# ------------------------------------------------------------------------------------------------ networks
+class TimeScale(nn.Module):
+    """NN₂(t): Fourier features of t [B] (64 frequencies 0.1..100) -> MLP (GELU) -> [B, out_dim].
+
+    The last layer has weight 0 and bias ``bias_init`` (PIS ``TimeConder``: 0.01), so u starts as
+    0.01·clip(∇log p̃).
+    """
+
+    def __init__(self, channels: int = 64, n_layers: int = 3, out_dim: int = 1,
+                 bias_init: float = 0.01) -> None:
+        super().__init__()
+        if channels < 1 or n_layers < 1:
+            raise ValueError(f"TimeScale needs channels >= 1 and n_layers >= 1, got {channels}, {n_layers}")
+        self.emb = FourierTimeEmbedding(channels)
+        layers: list[nn.Module] = [nn.Linear(self.emb.out_dim, channels)]
+        for _ in range(n_layers - 1):
+            layers += [nn.GELU(), nn.Linear(channels, channels)]
+        layers += [nn.GELU(), nn.Linear(channels, out_dim)]
+        self.net = nn.Sequential(*layers)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, bias_init)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.net(self.emb(t))
+
+
+def clip_score(score: Tensor, clip: float | None, mode: Literal["value", "norm"]) -> Tensor:
+    """Clip target scores [B, dim]: elementwise to ±clip ("value", PIS) or each row's norm to ≤ clip ("norm",
+    rotation-equivariant, as the particle codes do). ``clip`` None: unchanged."""
+    if clip is None:
+        return score
+    if mode == "value":
+        return score.clamp(-clip, clip)
+    if mode == "norm":
+        n = score.norm(dim=-1, keepdim=True)
+        return score * torch.clamp(clip / n.clamp_min(1e-30), max=1.0)
+    raise ValueError(f"score clip mode must be 'value' or 'norm', got {mode!r}")
+
+
+class LangevinControl(nn.Module):
+    """u(t, y, s) = clip(NN₁(t, y), ±nn_clip) + NN₂(t) · clip(s): t [B] in [0, 1], y, s [B, dim] -> [B, dim].
+
+    ``center`` (particle targets) removes the centre of mass of the output.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        time_net: TimeScale,
+        nn_clip: float | None = 1e4,
+        score_clip: float | None = 1e4,
+        score_clip_mode: Literal["value", "norm"] = "value",
+        center: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if score_clip_mode not in ("value", "norm"):
+            raise ValueError(f"score_clip_mode must be 'value' or 'norm', got {score_clip_mode!r}")
+        self.base, self.time_net = base, time_net
+        self.nn_clip, self.score_clip, self.score_clip_mode = nn_clip, score_clip, score_clip_mode
+        self.center = center
+
+    def forward(self, t: Tensor, y: Tensor, score: Tensor) -> Tensor:
+        f = self.base(t, y)
+        if self.nn_clip is not None:
+            f = f.clamp(-self.nn_clip, self.nn_clip)
+        # NN₂ depends on t only: one row when the whole batch shares its time (as in simulate)
+        tt = t[:1] if t.numel() > 1 and bool((t == t[0]).all()) else t
+        u = f + self.time_net(tt) * clip_score(score, self.score_clip, self.score_clip_mode)
+        return self.center(u) if self.center is not None else u
+
+
+def build_control(
+    target: Any,
+    network: Literal["mlp", "egnn"],
+    hidden: int,
+    n_layers: int,
+    emb_size: int = 128,
+    time_channels: int = 64,
+    time_layers: int = 3,
+    nn_clip: float | None = 1e4,
+    score_clip: float | None = 1e4,
+    score_clip_mode: Literal["value", "norm"] = "value",
+) -> LangevinControl:
+    """The Langevin-preconditioned control for ``target``: NN₁ = shared TimeMLP (zero-initialised read-out)
+    for "mlp", the shared EGNN (centred displacement) for "egnn" (particle targets only)."""
+    if network == "mlp":
+        base: nn.Module = TimeMLP(target.dim, hidden=hidden, n_blocks=n_layers, emb_size=emb_size)
+        last = [m for m in base.modules() if isinstance(m, nn.Linear)][-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    elif network == "egnn":
+        if getattr(target, "n_particles", None) is None:
+            raise ValueError(f"network 'egnn' needs a particle target; {target.name} is not one (use 'mlp')")
+        base = EGNN(target.n_particles, target.spatial_dim, hidden=hidden, n_layers=n_layers)
+    else:
+        raise ValueError(f"network must be 'mlp' or 'egnn', got {network!r}")
+    center = target.center if getattr(target, "n_particles", None) is not None else None
+    return LangevinControl(base, TimeScale(time_channels, time_layers), nn_clip, score_clip, score_clip_mode,
+                           center)
+
+
+# --------------------------------------------------------------------------------------------- target view
+class _EnergyWithGrad(torch.autograd.Function):
+    """E(y) [B] whose backward uses the gradient returned together with it (one counted evaluation)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+        e, g = fn(y.detach())
+        ctx.save_for_backward(g)
+        return e
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        (g,) = ctx.saved_tensors
+        return grad_out.unsqueeze(-1) * g, None
+
+
+class WorkingTarget:
+    """The (counting) target seen in working coordinates y = x / scale.
+
+    energy_and_grad(y) -> (E(scale·y) [B], ∇_y [B, dim]); score(y) = −∇_y; energy(y, differentiable) -> [B]
+    (differentiable: back-propagates through the counted gradient). ``log_jacobian`` = n_dof·log(scale) turns
+    log Z_y into log Z of the target (x coordinates).
+    """
+
+    def __init__(self, target: Any, scale: float) -> None:
+        if not scale > 0:
+            raise ValueError(f"coordinate scale must be > 0, got {scale}")
+        self.target, self.scale = target, float(scale)
+        self.dim = target.dim
+        self.is_particle = getattr(target, "n_particles", None) is not None
+        self.n_dof = target.n_dof if self.is_particle else target.dim
+        self.log_jacobian = self.n_dof * math.log(self.scale)
+
+    def energy_and_grad(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        e, g = self.target.energy_and_grad(self.scale * y)
+        return e.to(y.dtype), (self.scale * g).to(y.dtype)
+
+    def score(self, y: Tensor) -> Tensor:
+        return -self.energy_and_grad(y.detach())[1]
+
+    def energy(self, y: Tensor, differentiable: bool = False) -> Tensor:
+        if differentiable and torch.is_grad_enabled() and y.requires_grad:
+            return _EnergyWithGrad.apply(y, self.energy_and_grad)
+        return self.target.energy(self.scale * y.detach()).to(y.dtype)
+
+    def center(self, y: Tensor) -> Tensor:
+        return self.target.center(y) if self.is_particle else y
+
+
+# ----------------------------------------------------------------------------------------------- the chain
+@dataclass(frozen=True)
+class ChainCoefficients:
+    """Per-step coefficients of y_{k+1} = a_k y_k + c_k u_k + s_k ε_k, k = 0..K−1 (each a float64 [K] tensor);
+    ``times`` [K] are the network's time inputs in [0, 1]; ``ref_var`` the reference terminal variance."""
+
+    a: Tensor
+    c: Tensor
+    s: Tensor
+    times: Tensor
+    ref_var: float
+
+    def __post_init__(self) -> None:
+        K = self.a.shape[0]
+        if any(v.shape != (K,) for v in (self.c, self.s, self.times)) or K < 1:
+            raise ValueError("ChainCoefficients a, c, s, times must all be [K] tensors with K >= 1")
+        if not bool((self.s > 0).all()):
+            raise ValueError("ChainCoefficients: every noise scale s_k must be > 0")
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.a.shape[0])
+
+
+def pis_coefficients(n_steps: int, diffusion_sq: float, horizon: float) -> ChainCoefficients:
+    """PIS: Euler–Maruyama of dY = g u dt + g dW on [0, T], g² = ``diffusion_sq``, dt = T/K; v_ref = g²T."""
+    if n_steps < 1 or not diffusion_sq > 0 or not horizon > 0:
+        raise ValueError(f"PIS needs n_steps >= 1, diffusion_sq > 0, horizon > 0; got {n_steps}, "
+                         f"{diffusion_sq}, {horizon}")
+    K, g, dt = n_steps, math.sqrt(diffusion_sq), horizon / n_steps
+    one = torch.ones(K, dtype=torch.float64)
+    return ChainCoefficients(a=one, c=one * g * dt, s=one * g * math.sqrt(dt),
+                             times=torch.arange(K, dtype=torch.float64) / K, ref_var=diffusion_sq * horizon)
+
+
+def dds_betas_sq(n_steps: int, total: float, s: float = 0.008) -> Tensor:
+    """DDS step sizes β_k² [K] (float64), in generation order (prior -> target): a cos⁴ profile
+    cos⁴(((j/K) + s)/(1 + s)·π/2), j = 0..K, normalised to sum to ``total`` (Vargas et al.'s
+    ``cos_sq_fn_step_scheme``); the last point is 0 and is dropped, so steps shrink towards the target."""
+    if n_steps < 1 or not total > 0:
+        raise ValueError(f"DDS schedule needs n_steps >= 1 and total > 0, got {n_steps}, {total}")
+    j = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
+    w = torch.cos((j + s) / (1 + s) * math.pi / 2) ** 4
+    w = w / w.sum() * total
+    return w[:n_steps].clamp(1e-12, 1.0)
+
+
+def dds_coefficients(n_steps: int, prior_std: float, total: float) -> ChainCoefficients:
+    """DDS exponential integrator: a = sqrt(1 − β²), c = β²σ², s = σβ; the reference is stationary at
+    N(0, σ²), so v_ref = σ²."""
+    if not prior_std > 0:
+        raise ValueError(f"DDS prior_std must be > 0, got {prior_std}")
+    b2 = dds_betas_sq(n_steps, total)
+    beta = b2.sqrt()
+    return ChainCoefficients(a=(1 - b2).clamp_min(0).sqrt(), c=b2 * prior_std**2, s=beta * prior_std,
+                             times=torch.arange(n_steps, dtype=torch.float64) / n_steps, ref_var=prior_std**2)
+
+
+@dataclass
+class PathResult:
+    """Outcome of one batch of trajectories. y [B, dim] terminal states; running [B] = Σ½r²|u|²;
+    ito [B] = Σ r u·ε; log_rnd [B] (log-variance mode: θ-dependent log dP^u/dP^ref on the detached path)."""
+
+    y: Tensor
+    running: Tensor
+    ito: Tensor
+    log_rnd: Tensor | None = None
+
+
+def simulate(
+    control: ControlFn,
+    y0: Tensor,
+    coef: ChainCoefficients,
+    score_fn: ScoreFn | None,
+    generator: torch.Generator | None,
+    center: Callable[[Tensor], Tensor] | None = None,
+    detach_path: bool = False,
+    score_from_step: int = 0,
+) -> PathResult:
+    """Run the controlled chain from y0 [B, dim]. ``score_fn`` (may be None) gives the detached target score
+    fed to the control. ``detach_path``: the state is cut from the graph each step (log-variance loss);
+    otherwise gradients flow through every state (reparameterised KL). Noise: ``generator`` on y0's device.
+    Steps before ``score_from_step`` get a zero score (PIS: step 0, where every path sits at the origin and
+    particle energies are singular)."""
+    y = y0
+    B = y0.shape[0]
+    running = y0.new_zeros(B)
+    ito = y0.new_zeros(B)
+    log_rnd = y0.new_zeros(B) if detach_path else None
+    a, c, s, times = (v.tolist() for v in (coef.a, coef.c, coef.s, coef.times))
+    for k in range(coef.n_steps):
+        t = torch.full((B,), times[k], dtype=y.dtype, device=y.device)
+        yin = y.detach() if detach_path else y
+        use_score = score_fn is not None and k >= score_from_step
+        score = score_fn(y.detach()) if use_score else torch.zeros_like(y)
+        u = control(t, yin, score)
+        eps = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        if center is not None:
+            eps = center(eps)
+        r = c[k] / s[k]
+        if detach_path:
+            ud = u.detach()
+            z = eps + r * ud  # reference-noise increment (y_{k+1} − a y_k)/s of the detached path
+            log_rnd = log_rnd + r * (u * z).sum(-1) - 0.5 * r * r * (u * u).sum(-1)
+            running = running + 0.5 * r * r * (ud * ud).sum(-1)
+            ito = ito + r * (ud * eps).sum(-1)
+            y = (a[k] * y + c[k] * ud + s[k] * eps).detach()
+        else:
+            running = running + 0.5 * r * r * (u * u).sum(-1)
+            ito = ito + r * (u.detach() * eps).sum(-1)
+            y = a[k] * y + c[k] * u + s[k] * eps
+    return PathResult(y=y, running=running, ito=ito, log_rnd=log_rnd)
+
+
+def gaussian_log_prob(y: Tensor, var: float, n_dof: int,
+                      center: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """log N(y; 0, var·I) on n_dof degrees of freedom (mean-free subspace when ``center`` is given): [B]."""
+    if center is not None:
+        y = center(y)
+    return -0.5 * (y * y).sum(-1) / var - 0.5 * n_dof * math.log(2 * math.pi * var)
+
+
+def log_weights(path: PathResult, terminal_cost: Tensor) -> Tensor:
+    """log w [B] = −(running + Itô + terminal cost): importance weights of the terminal samples
+    (E[exp(log w)] = Z_y)."""
+    return -(path.running + path.ito + terminal_cost)
+
+
+def log_z_estimate(log_w: Tensor) -> float:
+    """log(mean exp(log w)); −inf/NaN propagate (a diverged run shows up)."""
+    return float(torch.logsumexp(log_w.double(), 0) - math.log(log_w.shape[0]))
+
+
+def effective_sample_size(log_w: Tensor) -> float:
+    """Normalised ESS (Σw)² / (N Σw²) in [0, 1]."""
+    lw = log_w.double()
+    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)) / lw.shape[0])
+
+
+def kl_loss(path: PathResult, terminal_cost: Tensor) -> Tensor:
+    """Reverse-KL objective (up to log Z): mean(running + terminal cost) [scalar] = −ELBO estimate."""
+    return (path.running + terminal_cost).mean()
+
+
+def log_variance_loss(path: PathResult, terminal_cost: Tensor) -> Tensor:
+    """Log-variance objective: batch variance of log_rnd + terminal cost (path and terminal cost detached)."""
+    if path.log_rnd is None:
+        raise ValueError("log_variance_loss needs a PathResult simulated with detach_path=True")
+    v = path.log_rnd + terminal_cost.detach()
+    return ((v - v.mean()) ** 2).mean()
+
+
+# --------------------------------------------------------------------------------------------- method base
+@dataclass(frozen=True)
+class ControlConfig(MethodConfig):
+    """Hyper-parameters shared by PIS and DDS (defaults: the GMM-40 settings)."""
+
+    n_steps: int = 100  # SDE steps K
+    batch_size: int = 512  # trajectories per optimiser step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_norm_clip: float | None = None  # clip of the parameter-gradient norm (None: off)
+    loss: Literal["kl", "lv"] = "kl"  # reverse KL (reparameterised) or log-variance
+    network: Literal["mlp", "egnn"] = "mlp"
+    hidden: int = 128
+    n_layers: int = 3  # TimeMLP residual blocks / EGNN layers
+    emb_size: int = 128  # TimeMLP sinusoidal embedding size
+    time_channels: int = 64
+    time_layers: int = 3
+    nn_clip: float | None = 1e4
+    score_clip: float | None = 1e4
+    score_clip_mode: Literal["value", "norm"] = "value"
+    coord_scale: float | None = None  # working coordinates y = x / coord_scale; None: target.length_scale
+    n_diag_samples: int = 1000  # trajectories for log Z / ESS when diagnostics() finds no fresh sample
+    sample_chunk: int = 2000  # rows simulated at once by sample()
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class ControlledDiffusionSampler(Method):
+    """Training and sampling loop shared by PIS and DDS; subclasses give the chain and its start."""
+
+    config: ControlConfig
+    #: first step whose control sees the target score (PIS: 1, the paths all start at the origin)
+    score_from_step: int = 0
+
+    def __init__(self, target: Any, config: ControlConfig, device: torch.device, generator: torch.Generator):
+        super().__init__(target, config, device, generator)
+        cfg = config
+        if cfg.loss not in ("kl", "lv"):
+            raise ValueError(f"loss must be 'kl' or 'lv', got {cfg.loss!r}")
+        for name in ("n_steps", "batch_size", "n_diag_samples", "sample_chunk"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{self.name}: {name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.loss == "lv" and cfg.batch_size < 2:
+            raise ValueError("the log-variance loss needs batch_size >= 2")
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+        scale = cfg.coord_scale if cfg.coord_scale is not None else float(getattr(target, "length_scale", 1))
+        self.work = WorkingTarget(target, scale)
+        self.center = self.work.center if self.work.is_particle else None
+        self.coef = self.coefficients()
+        self.net = build_control(target, cfg.network, cfg.hidden, cfg.n_layers, cfg.emb_size,
+                                 cfg.time_channels, cfg.time_layers, cfg.nn_clip, cfg.score_clip,
+                                 cfg.score_clip_mode)
+        self.net.to(device=self.device, dtype=self.dtype)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_done = 0
+        self._last_log_w: Tensor | None = None
+
+    # -- subclass hooks
+    @abstractmethod
+    def coefficients(self) -> ChainCoefficients: ...
+
+    @abstractmethod
+    def initial_states(self, n: int) -> Tensor:
+        """y_0 [n, dim] in working coordinates (PIS: zeros; DDS: prior samples)."""
+
+    # -- pieces
+    def terminal_cost(self, y: Tensor, differentiable: bool) -> Tensor:
+        """Ψ(y) = log N(y; 0, v_ref) − log p̃(y) [B] (working coordinates)."""
+        ref = gaussian_log_prob(y, self.coef.ref_var, self.work.n_dof, self.center)
+        return ref + self.work.energy(y, differentiable=differentiable)
+
+    def run_paths(self, n: int, detach_path: bool) -> PathResult:
+        return simulate(self.net, self.initial_states(n), self.coef, self.work.score, self.generator,
+                        self.center, detach_path=detach_path, score_from_step=self.score_from_step)
+
+    # -- Method interface
+    def train_step(self) -> dict[str, float]:
+        cfg = self.config
+        self.net.train()
+        self.opt.zero_grad(set_to_none=True)
+        if cfg.loss == "kl":
+            path = self.run_paths(cfg.batch_size, detach_path=False)
+            term = self.terminal_cost(path.y, differentiable=True)
+            loss = kl_loss(path, term)
+        else:
+            path = self.run_paths(cfg.batch_size, detach_path=True)
+            term = self.terminal_cost(path.y, differentiable=False)
+            loss = log_variance_loss(path, term)
+        out = {"loss": float(loss.detach())}
+        if torch.isfinite(loss):
+            loss.backward()
+            if cfg.grad_norm_clip is not None:
+                gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_norm_clip)
+                out["grad_norm"] = float(gn)
+            self.opt.step()
+        self.steps_done += 1
+        with torch.no_grad():
+            log_w = log_weights(path, term.detach())
+            # −(running + terminal), in target coordinates like log Z (ELBO ≤ log Z)
+            out["elbo"] = float(log_w.mean() + path.ito.mean()) + self.work.log_jacobian
+            out["log_z"] = log_z_estimate(log_w) + self.work.log_jacobian
+        return out
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        if n < 1:
+            raise ValueError(f"sample needs n >= 1, got {n}")
+        self.net.eval()
+        xs, lws = [], []
+        left = n
+        while left > 0:
+            m = min(left, self.config.sample_chunk)
+            path = self.run_paths(m, detach_path=False)
+            term = self.terminal_cost(path.y, differentiable=False)
+            lws.append(log_weights(path, term))
+            x = self.work.scale * path.y
+            xs.append(self.work.center(x) if self.work.is_particle else x)
+            left -= m
+        self._last_log_w = torch.cat(lws).detach()
+        return torch.cat(xs).to(torch.get_default_dtype())
+
+    def log_weights(self) -> Tensor | None:
+        """log importance weights [n] of the samples from the last ``sample`` call (working coordinates)."""
+        return self._last_log_w
+
+    def diagnostics(self) -> dict[str, float]:
+        """log Z (target coordinates) and normalised ESS from the last sample() batch (or a fresh one)."""
+        if self._last_log_w is None:
+            self.sample(self.config.n_diag_samples)
+        lw = self._last_log_w
+        assert lw is not None
+        return {"log_z": log_z_estimate(lw) + self.work.log_jacobian, "ess": effective_sample_size(lw),
+                "n_is": float(lw.shape[0])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "steps_done": self.steps_done,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.steps_done = int(state["steps_done"])
+        self.generator.set_state(state["generator"])
+        self._last_log_w = None
