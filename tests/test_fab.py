@@ -29,6 +29,9 @@ class StdGaussian(Target):
         return (x**2).sum(-1) / (2 * self.sigma**2) + self.c
 
 
+_LIGHT = {"dw4": {"hidden": 8, "n_layers": 1, "n_inner": 3}}  # cheaper still for the bookkeeping tests
+
+
 def _make(target_name: str, seed: int = 0, grid: str = "smoke", **over: object) -> tuple[FAB, CountingTarget]:
     ct = CountingTarget(targets.get(target_name))
     cfg = FABConfig.for_target(target_name, **{**FABConfig.preset(grid, target_name), **over})
@@ -43,10 +46,19 @@ def test_registered_and_configs_valid() -> None:
     gmm = FABConfig.for_target("gmm40")
     # the published fab-torch GMM settings
     assert (gmm.n_layers, gmm.hidden, gmm.batch_size, gmm.lr, gmm.grad_clip, gmm.dtype) == (
-        15, 80, 128, 1e-4, 100.0, "float64",
+        15,
+        80,
+        128,
+        1e-4,
+        100.0,
+        "float64",
     )
     assert (gmm.n_intermediate, gmm.transition, gmm.n_inner, gmm.step_size, gmm.adapt_step_size) == (
-        1, "metropolis", 1, 5.0, False,
+        1,
+        "metropolis",
+        1,
+        5.0,
+        False,
     )
     assert (gmm.buffer_max, gmm.buffer_min, gmm.n_updates_per_ais, gmm.alpha) == (12_800, 1_280, 4, 2.0)
     dw4 = FABConfig.for_target("dw4")
@@ -84,7 +96,7 @@ def test_smoke_cell_end_to_end(target_name: str) -> None:
 
 @pytest.mark.parametrize("target_name", ["gmm40", "dw4"])
 def test_energy_evaluations_counted_per_ais_chain(target_name: str) -> None:
-    m, ct = _make(target_name)
+    m, ct = _make(target_name, **_LIGHT.get(target_name, {}))
     c = m.config
     for _ in range(5):
         m.train_step()
@@ -113,7 +125,7 @@ def _params(m: FAB) -> Tensor:
 
 @pytest.mark.parametrize("target_name", ["gmm40", "dw4"])
 def test_resume_is_exact(target_name: str) -> None:
-    m, _ = _make(target_name, seed=3)
+    m, _ = _make(target_name, seed=3, **_LIGHT.get(target_name, {}))
     for _ in range(3):
         m.train_step()
     buf = io.BytesIO()
@@ -123,7 +135,7 @@ def test_resume_is_exact(target_name: str) -> None:
     expected = _params(m)
     buf.seek(0)
     ck = torch.load(buf, weights_only=True)
-    m2, _ = _make(target_name, seed=99)
+    m2, _ = _make(target_name, seed=99, **_LIGHT.get(target_name, {}))
     m2.load_state_dict(ck["method"])
     m2.generator.set_state(ck["rng"])
     for _ in range(3):
@@ -158,8 +170,15 @@ def test_training_reduces_alpha_divergence_on_a_gaussian() -> None:
     # p = N(0, 2.5² I)·e^{−c}, flow starts at N(0, 1): ESS of p/q must improve with FAB training
     ct = CountingTarget(StdGaussian(2.5, 0.0))
     cfg = FABConfig(
-        n_layers=2, hidden=8, base_scale=1.0, lr=3e-3, batch_size=64, buffer_min=256, buffer_max=1024,
-        step_size=1.0, diag_samples=2000,
+        n_layers=2,
+        hidden=8,
+        base_scale=1.0,
+        lr=3e-3,
+        batch_size=64,
+        buffer_min=256,
+        buffer_max=1024,
+        step_size=1.0,
+        diag_samples=2000,
     )
     m = FAB(ct, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
     ess0 = m.diagnostics()["ess"]
