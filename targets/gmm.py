@@ -69,6 +69,16 @@ class GMM40(Target):
         grad = (x - w @ self._means(x)) / self.std**2
         return -(lse.squeeze(-1) + self._log_norm()), grad
 
+    def _laplacian(self, x: Tensor) -> Tensor:
+        """ΔE [B] = D/s² − tr Cov_w(μ)/s⁴ with responsibilities w (Hessian (I − Cov_w(μ)/s²)/s²)."""
+        x = x.detach()
+        logits = self._logits(x)
+        w = torch.softmax(logits, dim=-1)
+        mu = self._means(x)
+        m = w @ mu
+        tr_cov = w @ (mu * mu).sum(-1) - (m * m).sum(-1)
+        return self.dim / self.std**2 - tr_cov / self.std**4
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples [n, 2] (float32): component uniformly, then Gaussian noise."""
         k = torch.randint(0, self.n_modes, (n,), generator=generator)

@@ -226,7 +226,7 @@ def test_published_preferred_over_generated(data_dir):
 def test_physics_checks_detect_wrong_temperature():
     """Exact samples of a GMM pass β̂; the same samples scaled (a hotter distribution) fail."""
     t = targets.get("gmm40")
-    x = t.reference("train").double()
+    x = t.reference("train", n=20_000).double()
     ok = ref.physics_checks(t, x)
     assert ok["passed"] and abs(ok["beta_hat"]["value"] - 1) < 0.01
     hot = t.means[torch.cdist(x, t.means).argmin(-1)]
