@@ -19,5 +19,7 @@ def names() -> list[str]:
 # --- method modules: one import line each (keep this block at the end of the file) ---
 from methods import fab  # noqa: F401
 from methods import nem  # noqa: F401
+from methods import idem  # noqa: F401
+from methods import mcmc  # noqa: F401
 from methods import dds  # noqa: F401
 from methods import pis  # noqa: F401
