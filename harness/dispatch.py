@@ -246,6 +246,7 @@ class Launch:
     outcomes: dict[str, str] = field(default_factory=dict)  # cell id -> ok/diverged/failed/timeout/busy/lost
     skipped_running: list[str] = field(default_factory=list)
     folder: str | None = None
+    handles: dict[str, tuple[Any, RunSpec]] = field(default_factory=dict)  # cell id -> (submitit job, spec)
 
     @property
     def n_failed(self) -> int:
@@ -488,6 +489,7 @@ def _run_slurm(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: Cel
         for j, s in submitted:
             jobs[s.cell_id] = (j, s)
             out.job_ids[s.cell_id] = j.job_id
+    out.handles = jobs
     if not opts.wait:
         print(f"not waiting; each task writes its own record under {root} (submitit logs: {folder})",
               file=stream, flush=True)
