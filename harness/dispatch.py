@@ -234,6 +234,7 @@ class DispatchOptions:
     max_requeues: int = 3
     job_name: str = "boltzbench"
     lost_grace_s: float = 20.0  # a job must be absent from squeue this long before it counts as lost
+    squeue_give_up_s: float = 600.0  # stop waiting (jobs go on) when squeue keeps failing this long
 
 
 @dataclass
@@ -502,11 +503,21 @@ def wait_slurm(jobs: dict[str, tuple[Any, RunSpec]], root: Path, opts: DispatchO
     """Poll records and squeue until every submitted cell has an outcome (never calls job.result())."""
     pending = dict(jobs)
     missing_since: dict[str, float] = {}
+    squeue_ok = time.monotonic()
     prog = Progress(len(jobs), stream, interactive)
     try:
         while pending:
             states = squeue_states([j.job_id for j, _ in pending.values()])
             now = time.monotonic()
+            if states is not None:
+                squeue_ok = now
+            elif now - squeue_ok > opts.squeue_give_up_s:
+                print(f"\nsqueue has failed for {opts.squeue_give_up_s:.0f} s: no longer waiting for "
+                      f"{len(pending)} cell(s); their jobs write their own records (re-run the command to "
+                      "see what is done)", file=stream or sys.stderr)
+                for cid in pending:
+                    out.outcomes[cid] = "unknown"
+                break
             n_running = 0
             for cid, (j, s) in list(pending.items()):
                 status, rec = _outcome(s, root)

@@ -139,3 +139,48 @@ def test_plugins_are_validated(tmp_path):
     with pytest.raises(ValueError, match="no callable"):
         dispatch.load_plugins(["json:nope"])
     assert dispatch.absolute_plugins(["tests/conftest.py:f"])[0].startswith("/")
+
+
+class _FakeJob:
+    """Stands in for a submitit SLURM job handle (job id and log paths only)."""
+
+    def __init__(self, job_id, tmp_path):
+        self.job_id = job_id
+        paths = {"stdout": tmp_path / "none.out", "result_pickle": tmp_path / "none.pkl"}
+        self.paths = type("P", (), paths)()
+
+
+def test_wait_never_hangs_when_squeue_keeps_failing(monkeypatch, results, tmp_path):
+    spec = _spec()
+    monkeypatch.setattr(dispatch, "squeue_states", lambda ids: None)
+    opts = dispatch.DispatchOptions(poll_s=0.05, squeue_give_up_s=0.3)
+    out = dispatch.wait_slurm({spec.cell_id: (_FakeJob("41_0", tmp_path), spec)}, results, opts,
+                              dispatch.Launch(), stream=io.StringIO())
+    assert out.outcomes == {spec.cell_id: "unknown"} and out.n_failed == 1
+    assert not (spec.run_dir(results) / "record.json").exists()
+
+
+def test_job_gone_from_squeue_without_record_is_failed_after_grace(monkeypatch, results, tmp_path):
+    spec, alive = _spec(), _spec(replicate=1)
+    seen = {"41_0": "RUNNING", "41_1": "RUNNING"}
+    calls = []
+
+    def fake_squeue(ids):
+        calls.append(1)
+        if len(calls) > 2:
+            seen.pop("41_0", None)  # task 0 vanishes; task 1 stays running, then writes its record
+        if len(calls) > 6 and "41_1" in seen:
+            del seen["41_1"]
+            from harness.records import RunRecord
+
+            RunRecord(spec=alive, status="ok").write(alive.run_dir(results) / "record.json")
+        return dict(seen)
+
+    monkeypatch.setattr(dispatch, "squeue_states", fake_squeue)
+    opts = dispatch.DispatchOptions(poll_s=0.05, lost_grace_s=0.2)
+    handles = {spec.cell_id: (_FakeJob("41_0", tmp_path), spec),
+               alive.cell_id: (_FakeJob("41_1", tmp_path), alive)}
+    out = dispatch.wait_slurm(handles, results, opts, dispatch.Launch(), stream=io.StringIO())
+    assert out.outcomes == {spec.cell_id: "failed", alive.cell_id: "ok"}
+    rec = json.loads((spec.run_dir(results) / "record.json").read_text())
+    assert "SLURM job 41_0 left the queue without writing a record" in rec["error"]

@@ -125,3 +125,14 @@ def test_help_documents_every_flag():
                  "--slurm-opt", "--results", "--dry-run", "--force", "--wait", "--no-wait", "--jobs",
                  "--set"):
         assert flag in p.stdout, flag
+
+
+def test_device_and_gpu_resolution():
+    assert cli.resolve_device("cpu", "slurm", None) == ("cpu", 0)
+    assert cli.resolve_device("cuda", "slurm", None) == ("cuda", 1)  # a GPU is requested for cuda cells
+    assert cli.resolve_device("auto", "slurm", 2) == ("cuda", 2)
+    assert cli.resolve_device("auto", "slurm", None) == ("cpu", 0)  # no GPU flag unless asked
+    with pytest.raises(ValueError, match="slurm only"):
+        cli.resolve_device("cpu", "local", 1)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert cli.resolve_device("auto", "local", None) == (expected, 0)
