@@ -149,21 +149,22 @@ class EGCL(nn.Module):
         diff = x.unsqueeze(2) - x.unsqueeze(1)  # [B, n, n, d]: x_i − x_j
         radial = (diff**2).sum(-1)  # [B, n, n]
         w = self.edge_in.weight  # [H, 2H + 2]
-        hi = h @ w[:, :H].T  # [B, n, H]
+        hi = torch.addmm(self.edge_in.bias, h.reshape(-1, H), w[:, :H].T).reshape(h.shape)  # [B, n, H]
         hj = h @ w[:, H : 2 * H].T
-        pre = (hi.unsqueeze(2) + hj.unsqueeze(1) + radial.unsqueeze(-1) * w[:, 2 * H]
-               + edge_attr.unsqueeze(-1) * w[:, 2 * H + 1] + self.edge_in.bias)
+        pre = torch.stack([radial, edge_attr], dim=-1) @ w[:, 2 * H :].T  # [B, n, n, H]
+        pre += hi.unsqueeze(2)
+        pre += hj.unsqueeze(1)
         m = self.edge_mlp(pre)  # [B, n, n, H]
         if self.att is not None:
             m = m * torch.sigmoid(self.att(m))
-        m = m * mask.unsqueeze(-1)
         phi = self.coord_mlp(m)  # [B, n, n, 1]
         if self.tanh:
             phi = torch.tanh(phi) * self.coords_range
         norm = torch.sqrt(radial + 1e-8).unsqueeze(-1)
-        trans = diff / (norm + 1.0) * phi * mask.unsqueeze(-1)
+        trans = diff / (norm + 1.0) * phi  # zero on the diagonal (x_i − x_i = 0)
         agg_x = trans.sum(2)
-        agg_h = m.sum(2)
+        # messages summed over j ≠ i: subtract the self-edge instead of masking the [B, n, n, H] tensor
+        agg_h = m.sum(2) - torch.diagonal(m, dim1=1, dim2=2).transpose(1, 2)
         if self.agg == "mean":
             deg = mask.sum(-1).clamp_min(1).unsqueeze(-1)
             agg_x, agg_h = agg_x / deg, agg_h / deg

@@ -1,0 +1,461 @@
+"""iDEM: iterated Denoising Energy Matching (Akhound-Sadegh et al., ICML 2024, arXiv 2402.06121).
+
+Faithful to the published code (jarridrb/DEM, see ../shared/reference/idem-reference-code.md §4–§5):
+
+- VE geometric noise schedule h(t) = σmin²(σd^{2t} − 1); the network s_θ(t, x_t) regresses the Monte-Carlo
+  score estimator S_K(x_t, t) = ∇ log (1/K) Σ_k exp(−E(x_t + σ_t ε_k)) = −Σ_k w_k ∇E(x_t + σ_t ε_k),
+  w = softmax_k(−E(x_t + σ_t ε_k)). The published code differentiates through ``logsumexp`` with autograd
+  (``torch.func.grad`` in ``vmap``); we use the identical self-normalised form with the target's analytic
+  forces (``energy_and_grad``), in batches of at most ``estimator_chunk_rows`` perturbed configurations.
+  Perturbations with a non-finite energy or force get weight 0 (the published code would produce NaN).
+- Target-score clipping: per particle to norm ≤ ``max_score_norm`` (20) for particle systems, the whole vector
+  (≤ 70, normalised units) for GMM-40; coefficient min(1, max/(|s| + 1e-6)).
+- Loss λ(t)·mean_dims (s_θ − S_K)², λ = h(t) + 1e-3 (GMM) or 1; Adam, gradient-norm clip 0.5.
+- Outer loop: every ``steps_per_epoch`` (100) optimiser steps, ``num_samples_per_epoch`` samples from the
+  network's reverse SDE (Euler–Maruyama, 1000 steps, per-target ``diffusion_scale``, mean removal after every
+  step) go into a FIFO buffer (10 000) sampled uniformly with replacement. Buffer initialisation (on the first
+  ``train_step``): 1024 prior samples (particles) or, GMM-40, 1024 samples of the reverse SDE driven by the
+  clipped estimator itself (``init_from_prior=False``; the expensive part of a GMM run).
+- GMM-40 works in x / ``target.length_scale`` (50) (DEM's ``data_normalization_factor``); samples are returned
+  in target coordinates. Energies are evaluated at the unnormalised points (no Jacobian term: a constant).
+- LJ-55: ``negative_time_steps`` (10) steps x ← x + 1e-4·clip(−∇E(x)) (whole-vector norm ≤ 20, mean removed)
+  after t = 0 in ``sample`` (test-time generation only, as the code at HEAD; before DEM PR #3 the flag was
+  ignored, so the paper's LJ-55 numbers may have been produced without them).
+- pDEM: ``use_buffer=False`` trains on prior samples instead of buffer samples (no outer loop).
+
+Not reproduced: DEM's ReduceLROnPlateau on ``val/loss`` for particle targets (it needs the Lightning
+validation loop; it only acts after ≥ 100 epochs without improvement) — the learning rate is constant here.
+Counting: one optimiser step costs B·K energy+gradient evaluations (through the counted target); a buffer
+refresh costs ``num_samples_per_epoch`` energy evaluations (the buffer stores energies, as DEM's does);
+network forward passes are added to ``target.usage.network_evals`` (configurations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from methods.base import Method, MethodConfig
+from methods.buffer import ReplayBuffer
+from methods.nets import EGNN, TimeMLP
+from methods.noise import GeometricNoiseSchedule
+from methods.registry import METHODS
+from methods.sde import GaussianPrior, MeanFreeGaussianPrior, integrate_reverse_sde
+
+EnergyGradFn = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------- estimator
+def mc_score_estimate(
+    energy_and_grad: EnergyGradFn,
+    x_t: Tensor,
+    sigma: Tensor,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    chunk_rows: int = 131_072,
+) -> Tensor:
+    """S_K(x_t, t) = −Σ_k softmax_k(−E(y_k)) ∇E(y_k), y_k = x_t + σ ε_k: x_t [B, D], σ [B] -> [B, D].
+
+    ``energy_and_grad`` maps [N, D] -> (E [N], ∇E [N, D]); it is called on at most ``chunk_rows`` rows at once
+    (≥ K). Exactly B·K configurations are evaluated.
+    """
+    if x_t.ndim != 2:
+        raise ValueError(f"x_t must be [batch, dim], got {list(x_t.shape)}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples (K) must be >= 1, got {n_samples}")
+    B, D = x_t.shape
+    sigma = sigma.to(x_t.dtype).reshape(-1)
+    if sigma.shape[0] != B:
+        raise ValueError(f"sigma must have shape [{B}], got {list(sigma.shape)}")
+    rows = max(1, chunk_rows // n_samples)
+    out = torch.empty_like(x_t)
+    for i in range(0, B, rows):
+        xb, sb = x_t[i : i + rows], sigma[i : i + rows]
+        b = xb.shape[0]
+        eps = torch.randn(b, n_samples, D, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        y = xb.unsqueeze(1) + sb.reshape(b, 1, 1) * eps
+        e, g = energy_and_grad(y.reshape(b * n_samples, D))
+        e, g = e.reshape(b, n_samples), g.reshape(b, n_samples, D)
+        ok = torch.isfinite(e) & torch.isfinite(g).all(-1)
+        logw = torch.where(ok, -e, torch.full_like(e, -torch.inf))
+        w = torch.softmax(logw, dim=1).nan_to_num(0.0)  # all K non-finite: zero score
+        g = torch.where(ok.unsqueeze(-1), g, torch.zeros_like(g))
+        out[i : i + b] = -torch.bmm(w.unsqueeze(1), g).squeeze(1)
+    return out
+
+
+def clip_score(s: Tensor, max_norm: float, spatial_dim: int | None = None) -> Tensor:
+    """Rescale to norm ≤ max_norm per particle ([B, n·d] as [B, n, d]) or per row: [B, D] -> [B, D]."""
+    v = s.reshape(s.shape[0], -1, spatial_dim) if spatial_dim else s.unsqueeze(1)
+    norm = v.norm(dim=-1, keepdim=True)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return (v * coef).reshape(s.shape)
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class Config(MethodConfig):
+    """iDEM hyper-parameters; defaults are DEM's; ``PER_TARGET`` holds the published experiment settings."""
+
+    net: Literal["mlp", "egnn"] = "egnn"
+    hidden: int = 128
+    n_layers: int = 3  # EGNN layers, or residual blocks of the MLP
+    sigma_min: float = 1e-5
+    sigma_max: float = 3.0
+    num_mc_samples: int = 100  # K
+    batch_size: int = 512  # num_samples_to_sample_from_buffer
+    steps_per_epoch: int = 100  # optimiser steps between buffer refreshes
+    num_samples_per_epoch: int = 1000  # new reverse-SDE samples per refresh
+    num_init_samples: int = 1024
+    init_from_prior: bool = True
+    init_sde_steps: int | None = None  # estimator-driven init SDE steps (None: sde_steps)
+    init_mc_samples: int | None = None  # K of the estimator-driven init (None: num_mc_samples)
+    buffer_max_length: int = 10_000
+    max_score_norm: float = 20.0
+    clip_per_particle: bool = True  # False: clip the whole vector (GMM)
+    lambda_weighting: Literal["none", "h"] = "none"  # "h": λ(t) = h(t) + 1e-3
+    lr: float = 1e-3
+    grad_clip: float = 0.5
+    sde_steps: int = 1000
+    diffusion_scale: float = 1.0
+    negative_time_steps: int = 0
+    negative_time_dt: float = 1e-4
+    negative_time_clip: float = 20.0
+    use_buffer: bool = True  # False: pDEM
+    normalize: bool = False  # work in x / target.length_scale (GMM-40)
+    estimator_chunk_rows: int = 131_072  # max perturbed configurations per energy call
+    sample_chunk: int = 1024  # max rows per reverse-SDE integration
+
+    # Source: jarridrb/DEM configs/experiment/{gmm,dw4,lj13,lj55}_idem.yaml over configs/model/dem.yaml
+    # (HEAD 8e95319; see ../shared/reference/idem-reference-code.md §4).
+    PER_TARGET: ClassVar[dict[str, dict[str, Any]]] = {
+        "gmm40": dict(
+            net="mlp",
+            n_layers=3,
+            sigma_min=1e-5,
+            sigma_max=1.0,
+            num_mc_samples=500,
+            batch_size=512,
+            num_samples_per_epoch=1000,
+            init_from_prior=False,
+            max_score_norm=70.0,
+            clip_per_particle=False,
+            lambda_weighting="h",
+            lr=5e-4,
+            sde_steps=1000,
+            diffusion_scale=1.0,
+            normalize=True,
+        ),
+        "dw4": dict(
+            net="egnn",
+            n_layers=3,
+            sigma_min=1e-5,
+            sigma_max=3.0,
+            num_mc_samples=1000,
+            batch_size=512,
+            num_samples_per_epoch=1000,
+            max_score_norm=20.0,
+            lr=1e-3,
+            diffusion_scale=1.0,
+        ),
+        "lj13": dict(
+            net="egnn",
+            n_layers=5,
+            sigma_min=0.01,
+            sigma_max=2.0,
+            num_mc_samples=1000,
+            batch_size=512,
+            num_samples_per_epoch=1000,
+            max_score_norm=20.0,
+            lr=1e-3,
+            diffusion_scale=0.9,
+        ),
+        "lj55": dict(
+            net="egnn",
+            n_layers=5,
+            sigma_min=0.5,
+            sigma_max=4.0,
+            num_mc_samples=100,
+            batch_size=128,
+            num_samples_per_epoch=128,
+            max_score_norm=20.0,
+            lr=1e-3,
+            diffusion_scale=0.5,
+            negative_time_steps=10,
+            sample_chunk=128,
+        ),
+    }
+    PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        # plumbing only: a cell runs in seconds on a CPU
+        "smoke": {
+            "*": dict(
+                hidden=16,
+                n_layers=2,
+                num_mc_samples=8,
+                batch_size=16,
+                steps_per_epoch=5,
+                num_samples_per_epoch=16,
+                num_init_samples=32,
+                sde_steps=10,
+                init_sde_steps=10,
+                negative_time_steps=0,
+                sample_chunk=256,
+            )
+        },
+        # 2-core CPU, well under an hour per cell (see docs/idem.md for the measurements behind these)
+        "cpu": {
+            "gmm40": dict(
+                num_mc_samples=100,
+                batch_size=256,
+                sde_steps=100,
+                init_sde_steps=100,
+                num_samples_per_epoch=500,
+            ),
+            "dw4": dict(num_mc_samples=100, batch_size=128, sde_steps=100, num_samples_per_epoch=250),
+        },
+    }
+    BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        "smoke": {"*": dict(steps=10)},
+        "cpu": {"*": dict(steps=5000, wall_seconds=3000.0)},
+        # 1000 epochs × 100 steps (LJ-55: 2000 epochs)
+        "paper": {"*": dict(steps=100_000), "lj55": dict(steps=200_000)},
+    }
+
+    def __post_init__(self) -> None:
+        positive = (
+            "hidden",
+            "n_layers",
+            "num_mc_samples",
+            "batch_size",
+            "steps_per_epoch",
+            "num_samples_per_epoch",
+            "num_init_samples",
+            "buffer_max_length",
+            "sde_steps",
+            "estimator_chunk_rows",
+            "sample_chunk",
+        )
+        for k in positive:
+            if getattr(self, k) < 1:
+                raise ValueError(f"iDEM Config.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("init_sde_steps", "init_mc_samples"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ValueError(f"iDEM Config.{k} must be >= 1 or None, got {v}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(
+                f"iDEM Config needs 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}"
+            )
+        if self.net not in ("mlp", "egnn"):
+            raise ValueError(f"iDEM Config.net must be 'mlp' or 'egnn', got {self.net!r}")
+        if self.lambda_weighting not in ("none", "h"):
+            raise ValueError(
+                f"iDEM Config.lambda_weighting must be 'none' or 'h', got {self.lambda_weighting!r}"
+            )
+        if self.negative_time_steps < 0 or self.diffusion_scale < 0:
+            raise ValueError("iDEM Config.negative_time_steps and diffusion_scale must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------- method
+@METHODS.register("idem")
+class IDEM(Method):
+    """iDEM (and pDEM with ``use_buffer=False``) on any registered target."""
+
+    name = "idem"
+    display_name = "iDEM"
+    Config = Config
+
+    def __init__(self, target: Any, config: Config, device: torch.device | str, generator: torch.Generator):
+        super().__init__(target, config, device, generator)
+        c = config
+        self.particles = target.n_particles is not None
+        if c.net == "egnn" and not self.particles:
+            raise ValueError(f"iDEM: net='egnn' needs a particle target, {target.name} is not; use net='mlp'")
+        self.dim = target.dim
+        self.scale = float(target.length_scale) if c.normalize else 1.0
+        self.schedule = GeometricNoiseSchedule(c.sigma_min, c.sigma_max)
+        if self.particles:
+            self.prior: GaussianPrior = MeanFreeGaussianPrior(
+                target.n_particles, target.spatial_dim, self.schedule.prior_scale, self.device
+            )
+        else:
+            self.prior = GaussianPrior(self.dim, self.schedule.prior_scale, self.device)
+        # parameters are initialised from a seed drawn from the run's generator (global RNG left untouched)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if c.net == "egnn":
+                net: torch.nn.Module = EGNN(
+                    target.n_particles, target.spatial_dim, hidden=c.hidden, n_layers=c.n_layers
+                )
+            else:
+                net = TimeMLP(self.dim, hidden=c.hidden, n_blocks=c.n_layers)
+        self.net = net.to(self.device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.lr)
+        self.buffer = ReplayBuffer(self.dim, c.buffer_max_length, self.device)
+        self.step = 0
+        self.initialised = False
+
+    # ------------------------------------------------------------------ helpers
+    def _center(self, x: Tensor) -> Tensor:
+        return self.prior.center(x) if self.particles else x
+
+    def _count_net(self, n: int) -> None:
+        usage = getattr(self.target, "usage", None)
+        if usage is not None:
+            usage.network_evals += int(n)
+
+    def _energy_and_grad(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Energy and gradient in working coordinates y = x / scale: E(scale·y), scale·∇E(scale·y)."""
+        if self.scale == 1.0:
+            return self.target.energy_and_grad(y)
+        e, g = self.target.energy_and_grad(y * self.scale)
+        return e, g * self.scale
+
+    def _energy(self, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.target.energy(y * self.scale if self.scale != 1.0 else y)
+
+    def estimate_score(self, x_t: Tensor, t: Tensor, n_samples: int | None = None) -> Tensor:
+        """Clipped MC score target S_K(x_t, t) in working coordinates: x_t [B, dim], t [B] -> [B, dim]."""
+        c = self.config
+        sigma = self.schedule.sigma(t.double()).to(x_t.dtype)
+        s = mc_score_estimate(
+            self._energy_and_grad,
+            x_t,
+            sigma,
+            n_samples or c.num_mc_samples,
+            self.generator,
+            c.estimator_chunk_rows,
+        )
+        spatial = self.target.spatial_dim if (self.particles and c.clip_per_particle) else None
+        return clip_score(s, c.max_score_norm, spatial)
+
+    def _net_score(self, t: Tensor, x: Tensor) -> Tensor:
+        self._count_net(x.shape[0])
+        return self.net(t, x)
+
+    def _generate(self, n: int, score: Callable[[Tensor, Tensor], Tensor], n_steps: int) -> Tensor:
+        """n reverse-SDE samples (working coordinates) from the prior, in chunks of ``sample_chunk``."""
+        c = self.config
+        out = []
+        for i in range(0, n, c.sample_chunk):
+            x1 = self.prior.sample(min(c.sample_chunk, n - i), self.generator)
+            out.append(
+                integrate_reverse_sde(
+                    score,
+                    x1,
+                    self.schedule,
+                    n_steps,
+                    c.diffusion_scale,
+                    self.generator,
+                    self._center if self.particles else None,
+                )
+            )
+        return torch.cat(out) if out else torch.empty(0, self.dim, device=self.device)
+
+    def _model_samples(self, n: int) -> Tensor:
+        self.net.eval()
+        with torch.no_grad():
+            x = self._generate(n, self._net_score, self.config.sde_steps)
+        self.net.train()
+        return x
+
+    def _add_to_buffer(self, x: Tensor) -> None:
+        self.buffer.add(x, self._energy(x))
+
+    def _init_buffer(self) -> None:
+        c = self.config
+        if c.use_buffer:
+            if c.init_from_prior:
+                x = self.prior.sample(c.num_init_samples, self.generator)
+            else:
+                k = c.init_mc_samples or c.num_mc_samples
+                with torch.no_grad():
+                    x = self._generate(
+                        c.num_init_samples,
+                        lambda t, y: self.estimate_score(y, t, k),
+                        c.init_sde_steps or c.sde_steps,
+                    )
+            self._add_to_buffer(x)
+        self.initialised = True
+
+    def _negative_time(self, x: Tensor) -> Tensor:
+        c = self.config
+        for _ in range(c.negative_time_steps):
+            _, g = self._energy_and_grad(x)
+            x = self._center(x + c.negative_time_dt * clip_score(-g, c.negative_time_clip))
+        return x
+
+    # ------------------------------------------------------------------ Method interface
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        if not self.initialised:
+            self._init_buffer()
+        B = c.batch_size
+        if c.use_buffer:
+            x0, _ = self.buffer.sample(B, self.generator)
+        else:
+            x0 = self.prior.sample(B, self.generator)
+        t = torch.rand(B, generator=self.generator, device=self.device)
+        h = self.schedule.h(t.double()).to(x0.dtype)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+        x_t = self._center(x0 + h.sqrt().unsqueeze(-1) * noise)
+        with torch.no_grad():
+            target = self.estimate_score(x_t, t)
+        pred = self._net_score(t, x_t)
+        lam = h + 1e-3 if c.lambda_weighting == "h" else torch.ones_like(h)
+        loss = (lam * ((pred - target) ** 2).mean(-1)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        logs = {
+            "loss": float(loss.detach()),
+            "grad_norm": float(grad_norm),
+            "target_norm": float(target.norm(dim=-1).mean()),
+        }
+        if c.use_buffer and self.step % c.steps_per_epoch == 0:
+            self._add_to_buffer(self._model_samples(c.num_samples_per_epoch))
+            logs["buffer_size"] = float(len(self.buffer))
+        return logs
+
+    def sample(self, n: int) -> Tensor:
+        """n samples [n, dim] of the network's reverse SDE (+ negative-time steps), target coordinates."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        x = self._model_samples(n)
+        if self.config.negative_time_steps:
+            x = self._negative_time(x)
+        x = x * self.scale
+        return self._center(x).detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "step": self.step,
+            "initialised": self.initialised,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.step = int(state["step"])
+        self.initialised = bool(state["initialised"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def diagnostics(self) -> dict[str, float]:
+        d = {"buffer_size": float(len(self.buffer)), "optimizer_steps": float(self.step)}
+        if self.buffer.energy is not None and len(self.buffer):
+            d["buffer_mean_energy"] = float(self.buffer.energy.mean())
+        return d
