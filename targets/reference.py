@@ -682,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burnin", type=int, default=None, help="burn-in (adaptation) steps")
     ap.add_argument("--thin", type=int, default=None, help="steps between kept samples")
     ap.add_argument("--kernel", choices=["rwm", "mala", "hmc"], default=None)
+    ap.add_argument("--check-every", type=int, default=None, help="steps between self-check accumulations")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
@@ -695,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     s = DEFAULT_SETTINGS.get(target.name, SamplerSettings())
     over = {
         "n_chains": args.chains, "n_temps": args.temps, "t_max": args.t_max, "n_burnin": args.burnin,
-        "thin": args.thin, "kernel": args.kernel,
+        "thin": args.thin, "kernel": args.kernel, "check_every": args.check_every,
     }
     s = SamplerSettings(**{**asdict(s), **{k: v for k, v in over.items() if v is not None}})
     out = args.out or default_output_dir()

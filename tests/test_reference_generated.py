@@ -97,19 +97,19 @@ def test_generated_dw4_agrees_with_published():
 
 
 def test_lj55_generation_end_to_end(tmp_path, monkeypatch):
-    """Small LJ-55 reference (n = 640 from 64 T = 1 chains × 4 temperatures, 1500 burn-in steps): written,
-    reloaded through its manifest, and passing the β̂ and virial checks."""
+    """Small LJ-55 reference (n = 1280 from 128 T = 1 chains × 4 temperatures, 1500 burn-in steps, self-checks
+    accumulated at every sampling step): written, reloaded through its manifest, passing β̂ and virial."""
     monkeypatch.setenv(ref.DATA_ENV, str(tmp_path))
     ref.clear_cache()
     rc = ref.main(
-        ["--target", "lj55", "--n", "640", "--splits", "test", "--chains", "64", "--burnin", "1500",
-         "--thin", "50", "--quiet"]
+        ["--target", "lj55", "--n", "1280", "--splits", "test", "--chains", "128", "--burnin", "1500",
+         "--thin", "100", "--check-every", "1", "--quiet"]
     )
     assert rc == 0
     t = targets.get("lj55")
     x = t.reference("test")
     info = t.reference_info("test")
-    assert info["source"] == "generated" and x.shape == (640, 165)
+    assert info["source"] == "generated" and x.shape == (1280, 165)
     man = json.loads((tmp_path / "generated" / "lj55_test.json").read_text())
     _assert_physics(t, x, man)
     ref.clear_cache()
