@@ -403,6 +403,7 @@ DEFAULT_SETTINGS: dict[str, SamplerSettings] = {
         kernel="mala", n_chains=1000, n_temps=4, t_max=1.6, n_burnin=3000, thin=150, step_size=0.02,
         check_every=5,
     ),
+    # LJ-55 (same kT/ε as LJ-13; τ of the energy ≈ 50 MALA steps in a 64-chain trial)
     "lj55": SamplerSettings(
         kernel="mala", n_chains=500, n_temps=4, t_max=1.4, n_burnin=3000, thin=150, step_size=0.01,
         check_every=5,
@@ -465,8 +466,8 @@ def gate_checks(
 
 
 class _RunningChecks:
-    """Accumulates E[ΔE], E[|∇E|²], E[x·∇E] over the T = 1 chains every ``every`` sampling steps: a
-    lower-noise version of ``physics_checks`` over the whole sampling phase (reported, not gated)."""
+    """Accumulates E[ΔE], E[|∇E|²], E[x·∇E] and E over the T = 1 chains every ``every`` sampling steps: a
+    lower-noise version of ``physics_checks`` over the whole sampling phase (gated by ``gate_checks``)."""
 
     def __init__(self, target: Target, n_chains: int, every: int) -> None:
         self.target, self.M, self.every = target, n_chains, max(1, every)
