@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from typing import Any
 import submitit
 
 from harness import checkpoint as ck
-from harness.job import DONE_STATUSES, RECORD_NAME, SAMPLES_NAME, read_record, run_one, spec_key
+from harness.job import DONE_STATUSES, RECORD_NAME, SAMPLES_NAME, SPEC_NAME, read_record, run_one, spec_key
 from harness.records import RunRecord, RunSpec
 
 EXECUTORS = ("auto", "local", "slurm", "debug")
@@ -126,6 +127,12 @@ def cell_state(spec: RunSpec, root: str | Path) -> CellState:
             return CellState(spec, "mismatch", "record.json was written for a different spec")
         return CellState(spec, rec.status, rec.stop_reason or "")
     if (run_dir / ck.CHECKPOINT_NAME).exists():
+        try:
+            ck_spec = json.loads((run_dir / SPEC_NAME).read_text())
+        except (OSError, ValueError):
+            ck_spec = None
+        if ck_spec is not None and spec_key(ck_spec) != spec_key(spec):
+            return CellState(spec, "mismatch", "checkpoint.pt was written for a different spec")
         return CellState(spec, "interrupted", "checkpoint without record: resumes")
     return CellState(spec, "new")
 
@@ -165,7 +172,7 @@ def prepare(cell: CellState, root: str | Path, force: bool) -> bool:
         with ck.CellLock(run_dir):
             rec = run_dir / RECORD_NAME
             if force and cell.state in ("ok", "diverged", "mismatch", "failed", "timeout", "interrupted"):
-                for name in (RECORD_NAME, SAMPLES_NAME, ck.CHECKPOINT_NAME):
+                for name in (RECORD_NAME, SAMPLES_NAME, ck.CHECKPOINT_NAME, SPEC_NAME):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(run_dir / name)
             elif rec.exists():

@@ -43,11 +43,12 @@ import torch
 from harness import checkpoint as ck
 from harness.budget import Budget, CountingTarget, Usage
 from harness.env import apply_threads, environment_info, threads_from_allocation
-from harness.records import RunRecord, RunSpec, atomic_write_bytes
+from harness.records import RunRecord, RunSpec, atomic_write_bytes, atomic_write_json
 
 DONE_STATUSES = ("ok", "diverged")
 RECORD_NAME = "record.json"
 SAMPLES_NAME = "samples.npz"
+SPEC_NAME = "spec.json"  # the spec of the run the checkpoint belongs to (cheap to read for planning)
 MAX_SAVED_SAMPLES = 10_000
 DEFAULT_CHECKPOINT_EVERY_S = 300.0
 
@@ -261,6 +262,8 @@ def _run_locked(
             started_at = ckpt.get("started_at", started_at)
             samples_file = ckpt.get("samples_file") or None
             ck.set_rng_state(ckpt["rng"], generator)
+        else:  # a fresh start: say which spec the checkpoints that follow belong to
+            atomic_write_json(run_dir / SPEC_NAME, spec.to_dict())
 
         def save() -> None:
             ck.save_checkpoint(

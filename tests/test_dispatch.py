@@ -184,3 +184,14 @@ def test_job_gone_from_squeue_without_record_is_failed_after_grace(monkeypatch, 
     assert out.outcomes == {spec.cell_id: "failed", alive.cell_id: "ok"}
     rec = json.loads((spec.run_dir(results) / "record.json").read_text())
     assert "SLURM job 41_0 left the queue without writing a record" in rec["error"]
+
+
+def test_checkpoint_of_another_spec_is_a_mismatch(toy_method, fast_metrics, results):
+    spec = _spec(budget={"steps": 6})
+    _interrupted(spec, results)
+    assert dispatch.cell_state(spec, results).state == "interrupted"
+    changed = replace(spec, budget={"steps": 8})
+    assert dispatch.cell_state(changed, results).state == "mismatch"
+    assert dispatch.plan([changed], results).to_run == []
+    assert dispatch.prepare(dispatch.cell_state(changed, results), results, force=True)
+    assert dispatch.cell_state(changed, results).state == "new"
