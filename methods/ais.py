@@ -306,7 +306,10 @@ class AnnealedImportanceSampler:
         ev = _Evaluator(self.flow, self.target, self.transition.needs_grad)
         with torch.no_grad():
             x0, lq0 = self.flow.sample_and_log_prob(n, generator)
-        s = ev(x0, None if self.transition.needs_grad else lq0)
+        # a flow whose sampling-time log q is only approximately its log_prob (the CNF's forward vs backward
+        # integration) is re-evaluated, so that every log q in a chain comes from the same function
+        reuse = not self.transition.needs_grad and getattr(self.flow, "exact_sample_log_prob", True)
+        s = ev(x0, lq0 if reuse else None)
         a = self.alpha
         log_w = (s.log_pi(self.betas[1], a) - s.log_q).double()
         for j in range(1, self.n_intermediate + 1):

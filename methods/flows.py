@@ -129,6 +129,8 @@ class RealNVP(nn.Module):
         dtype: parameter dtype (built in it, so that the initial rotations are orthogonal to its precision).
     """
 
+    exact_sample_log_prob = True
+
     def __init__(
         self,
         dim: int,
@@ -246,6 +248,10 @@ class EquivariantCNF(nn.Module):
     ``log_prob`` integrates backwards from x to the base. It is differentiable in x (so HMC can use
     ∇ log q) at the price of double back-propagation.
     """
+
+    #: the log q returned with samples (forward integration) equals ``log_prob`` (backward integration) only
+    #: up to the RK4 error
+    exact_sample_log_prob = False
 
     def __init__(
         self,
