@@ -113,3 +113,20 @@ def test_bad_arguments():
         mcmc.init_state(Gaussian(), torch.zeros(2, 2), step_size=torch.ones(3))
     with pytest.raises(ValueError):
         mcmc.geometric_ladder(0, 2.0)
+
+
+def test_counting_target_counts_every_kernel_evaluation():
+    import targets
+    from harness.budget import CountingTarget
+
+    t = targets.get("dw4")
+    ct = CountingTarget(t)
+    g = torch.Generator().manual_seed(0)
+    x0 = t.center(2 * torch.randn(10, 8, generator=g))
+    st = mcmc.init_state(ct, x0, step_size=0.1)
+    assert ct.usage.energy_evals == 10 and ct.usage.grad_evals == 10
+    mcmc.mala_step(ct, st, g, project=t.center)
+    mcmc.hmc_step(ct, st, g, n_leapfrog=3, project=t.center)
+    assert ct.usage.energy_evals == 10 + 10 + 30 and ct.usage.grad_evals == 50
+    mcmc.rwm_step(ct, st, g, project=t.center)
+    assert ct.usage.energy_evals == 60 and ct.usage.grad_evals == 50
