@@ -567,6 +567,7 @@ def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     d["training energy evals"] = d["energy_evals"] - d["sample_energy_evals"].fillna(0)
     d["training wall-clock (s)"] = d["train_seconds"]
@@ -578,6 +579,7 @@ def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: 
             x=x,
             y=col,
             hue="method",
+            hue_order=sorted(d["method"].unique()),
             units="replicate",
             estimator=None,
             marker="o",
@@ -586,6 +588,10 @@ def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: 
         )
         if (d[x] > 0).all():
             ax.set_xscale("log")
+            # ticks at 1, 2, 5 × 10^k labelled plainly: short ranges still get labels, none collide
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if _finite(level):
             ax.axhline(level, ls="--", c="grey", lw=1)
         ax.set_ylabel(metric)
