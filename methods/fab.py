@@ -76,7 +76,8 @@ class FABConfig(MethodConfig):
         "gmm40": {},
         # se3-augmented-coupling-flows examples/config/dw4_fab.yaml + fab/default.yaml: 2 intermediates, HMC
         # (1 outer × 5 leapfrog, ε0 1.0, tuned to p_accept 0.65), batch 128, buffer 512/64 batches, 8 updates
-        # per AIS pass, w-adjust clip 10. Flow: our EGNN CNF instead of the augmented coupling flow.
+        # per AIS pass, w-adjust clip 10. Flow: our EGNN CNF instead of the augmented coupling flow, its base
+        # scale 2 matched to the DW-4 coordinate spread (reference coordinate std 1.8; not a published value).
         "dw4": {
             "flow": "egnn_cnf",
             "n_intermediate": 2,
@@ -93,7 +94,7 @@ class FABConfig(MethodConfig):
             "dtype": "float32",
             "hidden": 64,
             "n_layers": 3,
-            "base_scale": 1.0,
+            "base_scale": 2.0,
         },
         # EACF lj13_fab.yaml: 8 intermediates, batch 1024; the rest as DW-4.
         "lj13": {
