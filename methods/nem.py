@@ -567,7 +567,7 @@ class NEM(Method):
         return (y * self.scale).detach()
 
     def diagnostics(self) -> dict[str, float]:
-        return {"buffer_size": float(len(self.buffer)), "bootstrap_accept_rate": self.last_accept_rate}
+        return {"buffer_size": float(len(self.buffer))}
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (deep copy, safe to keep while training continues)."""
@@ -670,6 +670,12 @@ class BNEM(NEM):
         rate = float(accept.float().mean())
         self.last_accept_rate = rate
         return t, yt, target, {"bootstrap_accept_rate": rate, "t": t_val, "s": s_val}
+
+    def diagnostics(self) -> dict[str, float]:
+        d = {**super().diagnostics(), "stage": float(self.stage)}
+        if self.last_accept_rate == self.last_accept_rate:  # not NaN: at least one bootstrap-stage batch
+            d["bootstrap_accept_rate"] = self.last_accept_rate
+        return d
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "stage": self.stage}
