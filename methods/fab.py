@@ -238,6 +238,8 @@ class FAB(Method):
             init_gen = torch.Generator().manual_seed(seed)
             self.flow = self._build_flow(init_gen)
         self.flow.to(device=self.device, dtype=self.dtype)
+        if isinstance(self.flow, EquivariantCNF):
+            self.flow.set_probe_generator(generator)
         project = target.center if self.particles else None
         if c.transition == "hmc":
             trans: Metropolis | HMC = HMC(

@@ -277,6 +277,10 @@ class EquivariantCNF(nn.Module):
     def _param(self) -> Tensor:
         return next(self.parameters())
 
+    def set_probe_generator(self, generator: torch.Generator | None) -> None:
+        """Generator for the Hutchinson probes (default: torch's global generator)."""
+        self._probe_gen = generator
+
     def _v_and_div(self, t: float, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
         """v(t, x) [B, D] and its divergence [B]; the graph is kept when ``create_graph``."""
         with torch.enable_grad():
@@ -330,7 +334,6 @@ class EquivariantCNF(nn.Module):
     def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         p = self._param()
         z = self.base.sample(n, generator, p.dtype, p.device)
-        self._probe_gen = generator
         create_graph = torch.is_grad_enabled()
         x, acc = self._integrate(z, forward=True, create_graph=create_graph)
         return self.base.center(x), self.base.log_prob(z) - acc
