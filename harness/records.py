@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n").encode())
+    text = json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n"
+    atomic_write_bytes(path, text.encode())
 
 
 def _json_default(o: Any) -> Any:
@@ -120,9 +122,11 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
-        if d.get("schema_version") != SCHEMA_VERSION:
+        if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"unsupported record schema_version {d.get('schema_version')!r}")
         d = dict(d)
+        if not isinstance(d.get("spec"), dict):
+            raise ValueError("record has no 'spec' object")
         d["spec"] = RunSpec.from_dict(d["spec"])
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -134,3 +138,91 @@ class RunRecord:
     def read(cls, path: str | Path) -> RunRecord:
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+# ====================================================================================== loading
+
+RECORD_NAME = "record.json"
+SAMPLES_NAME = "samples.npz"
+#: metric columns of ``load_records`` carry this prefix (``m_x_w2``, ``m_e_w2_floor``, ...)
+METRIC_PREFIX = "m_"
+#: per-checkpoint usage columns carry this prefix (``u_energy_evals``, ``u_train_seconds``, ...)
+USAGE_PREFIX = "u_"
+
+
+def iter_record_paths(root: str | Path) -> list[Path]:
+    """Every ``record.json`` under ``root`` (sorted), or ``[root]`` when ``root`` is a record file."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.exists():
+        return []
+    return sorted(p for p in root.rglob(RECORD_NAME) if p.is_file())
+
+
+def record_rows(rec: RunRecord, path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The tidy rows of one record: one per evaluation checkpoint (``checkpoint`` 0, 1, ...; ``is_final`` on
+    the last), or a single row with ``checkpoint`` = -1 and no metrics when the run has none."""
+    s = rec.spec
+    base: dict[str, Any] = {
+        "run_id": s.cell_id, "grid": s.grid, "target": s.target, "method": s.method,
+        "replicate": s.replicate, "seed": s.seed, "protocol": s.protocol, "device": s.device,
+        "status": rec.status, "stop_reason": rec.stop_reason, "error": rec.error,
+        "reference_source": rec.reference.get("source"), "reference_sha256": rec.reference.get("sha256"),
+        "reference_file": rec.reference.get("file"),
+        "started_at": rec.started_at, "finished_at": rec.finished_at, "schema_version": rec.schema_version,
+        "path": str(path) if path is not None else None,
+        "samples_path": None,
+    }
+    if rec.samples_file and path is not None:
+        sp = Path(path).parent / rec.samples_file
+        base["samples_path"] = str(sp) if sp.exists() else None
+    for k, v in rec.usage.items():
+        base[f"total_{k}"] = v
+    if not rec.evaluations:
+        return [{**base, "checkpoint": -1, "is_final": True, "fraction": float("nan"), "step": None}]
+    rows = []
+    for i, ev in enumerate(rec.evaluations):
+        row = {**base, "checkpoint": i, "is_final": i == len(rec.evaluations) - 1,
+               "fraction": ev.get("fraction"), "step": ev.get("step")}
+        for k, v in (ev.get("usage") or {}).items():
+            row[f"{USAGE_PREFIX}{k}"] = v
+        for k, v in (ev.get("metrics") or {}).items():
+            try:
+                row[f"{METRIC_PREFIX}{k}"] = float(v)
+            except (TypeError, ValueError):
+                row[f"{METRIC_PREFIX}{k}"] = float("nan")
+        rows.append(row)
+    return rows
+
+
+def load_records(root: str | Path = "results/runs", strict: bool = False) -> Any:
+    """All records under ``root`` as a tidy ``pandas.DataFrame``: one row per (run, evaluation checkpoint);
+    columns in results/README.md (metrics ``m_<name>``, usage at the checkpoint ``u_<name>``, run totals
+    ``total_<name>``). A file that cannot be read as a record (corrupt JSON, foreign schema, unknown schema
+    version) is reported with its path as a ``UserWarning`` and skipped (``strict=True`` raises instead);
+    the skipped paths and reasons are in ``df.attrs["skipped"]``. An empty or missing root gives an empty
+    frame with the base columns."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for p in iter_record_paths(root):
+        try:
+            with open(p) as f:
+                d = json.load(f)
+            if not isinstance(d, dict) or "spec" not in d:
+                raise ValueError("not a boltzbench run record (no 'spec')")
+            rec = RunRecord.from_dict(d)
+            rows.extend(record_rows(rec, p))
+        except Exception as e:
+            if strict:
+                raise ValueError(f"{p}: {type(e).__name__}: {e}") from e
+            reason = f"{type(e).__name__}: {e}"
+            skipped.append((str(p), reason))
+            warnings.warn(f"skipping unreadable record {p}: {reason}", UserWarning, stacklevel=2)
+    cols = ["run_id", "grid", "target", "method", "replicate", "seed", "protocol", "status", "checkpoint",
+            "is_final", "fraction", "step"]
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=cols)
+    df.attrs["skipped"] = skipped
+    return df
