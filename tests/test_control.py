@@ -122,7 +122,7 @@ def _run(case: str, K: int, B: int, seed: int = 0, theta: torch.Tensor | None = 
 
 @pytest.mark.parametrize("case", ["pis", "dds"])
 def test_terminal_law_is_exact_discrete_law_and_converges_to_target(case: str) -> None:
-    coef, path, _, _ = _run(case, K=100, B=40000)
+    coef, path, _, _ = _run(case, K=100, B=20000)
     mu = torch.tensor(MU, dtype=D)
     m, V = exact_terminal_law(coef, mu, S, 0.0, CASES[case][2])
     y = path.y.detach()
@@ -178,7 +178,7 @@ def test_kl_gradient_vanishes_at_optimum_only(case: str, psi_name: str) -> None:
 @pytest.mark.parametrize("case", ["pis", "dds"])
 def test_log_variance_loss_vanishes_at_optimum(case: str) -> None:
     coef = CASES[case][0](100)
-    B = 4000
+    B = 2000
     lv = {}
     for th in (0.0, 0.4):
         theta = torch.full((B,), th, dtype=D)
@@ -208,7 +208,7 @@ def test_importance_weights_unbiased_without_control(case: str, scale: float) ->
     including the Jacobian of working coordinates y = x / scale."""
     tgt = GaussianTarget([0.3 * scale, -0.2 * scale], 0.9 * scale, 0.4)
     zero = lambda t, y, s: torch.zeros_like(y)  # noqa: E731
-    _, path, term, work = _run(case, K=20, B=100000, seed=4, target=tgt, scale=scale, control=zero)
+    _, path, term, work = _run(case, K=20, B=40000, seed=4, target=tgt, scale=scale, control=zero)
     lw = log_weights(path, term.detach())
     ess = effective_sample_size(lw)
     assert 0.3 < ess < 0.999
