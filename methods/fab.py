@@ -285,6 +285,18 @@ class FAB(Method):
         while not self.buffer.can_sample:
             self.buffer.add(*self._run_ais())
 
+    def _log_q_finite(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """log q_θ(x) with a graph, on the rows where it is finite: (log_q [k], mask [B]).
+
+        A row whose log q overflows (a stale buffer point far outside the flow's support) would poison the
+        gradient (0 · inf = NaN through ``torch.where``), so the pass is redone without those rows.
+        """
+        log_q = self.flow.log_prob(x)
+        rows = torch.isfinite(log_q)
+        if not bool(rows.all()):
+            log_q = self.flow.log_prob(x[rows]) if bool(rows.any()) else log_q[rows]
+        return log_q, rows
+
     def _optimise(self, loss: Tensor) -> tuple[float, bool]:
         self.optimizer.zero_grad(set_to_none=True)
         if not bool(torch.isfinite(loss)):
@@ -303,7 +315,9 @@ class FAB(Method):
         if self.buffer is None:
             x, log_w, _ = self._run_ais()
             self.flow.train()
-            loss = alpha_div_loss(self.flow.log_prob(x), log_w)
+            keep = torch.isfinite(log_w)
+            log_q, rows = self._log_q_finite(x[keep])
+            loss = alpha_div_loss(log_q, log_w[keep][rows])
             lv, ok = self._optimise(loss)
         else:
             self._fill_buffer()
@@ -311,17 +325,19 @@ class FAB(Method):
                 self.buffer.add(*self._run_ais())
             self.flow.train()
             x, _, log_q_old, idx = self.buffer.sample(c.batch_size, self.generator)
-            log_q = self.flow.log_prob(x)
-            log_w_adj = (1.0 - c.alpha) * (log_q.detach() - log_q_old)
+            log_q, rows = self._log_q_finite(x)
+            log_w_adj = (1.0 - c.alpha) * (log_q.detach() - log_q_old[rows])
             w_adj = torch.exp(log_w_adj)
             if c.w_adjust_max_clip is not None:
                 w_adj = w_adj.clamp(max=c.w_adjust_max_clip)
-            finite = torch.isfinite(log_q) & torch.isfinite(w_adj)
-            loss = -(torch.where(finite, w_adj, 0) * torch.where(finite, log_q, 0)).sum() / max(
-                int(finite.sum()), 1
-            )
+            loss = -(w_adj * log_q).sum() / max(int(rows.sum()), 1)
             lv, ok = self._optimise(loss)
-            self.buffer.adjust(idx, log_w_adj, log_q.detach())
+            # points whose log q is no longer finite get weight 0 (log w = −inf) and are never drawn again
+            adj_all = torch.full_like(log_q_old, -float("inf"))
+            adj_all[rows] = log_w_adj
+            lq_all = log_q_old.clone()
+            lq_all[rows] = log_q.detach()
+            self.buffer.adjust(idx, adj_all, lq_all)
         self.n_steps += 1
         self.n_skipped += int(not ok)
         return {

@@ -187,3 +187,20 @@ def test_training_reduces_alpha_divergence_on_a_gaussian() -> None:
     d = m.diagnostics()
     assert ess0 < 0.5 < d["ess"]
     assert d["log_z"] == pytest.approx(math.log(2 * math.pi * 2.5**2), abs=0.1)
+
+
+def test_stale_buffer_point_with_overflowing_log_q_is_dropped_not_fatal() -> None:
+    # a buffer point where log q_θ overflows to −inf must not turn the whole gradient into NaN
+    m, _ = _make("gmm40")
+    m.train_step()
+    buf = m.buffer
+    assert buf is not None
+    i = 0
+    buf.x[i] = torch.tensor([1e308, -1e308], dtype=buf.x.dtype)
+    buf.log_w[i] = 1e3  # certain to be drawn
+    buf.log_q_old[i] = 0.0
+    before = _params(m)
+    m.train_step()
+    assert m.n_skipped == 0
+    assert not torch.equal(_params(m), before) and m.parameters_finite()
+    assert math.isinf(float(buf.log_w[i])) and float(buf.log_w[i]) < 0
