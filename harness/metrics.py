@@ -91,7 +91,7 @@ PROTOCOL_SPECS: dict[str, Protocol] = {
     "boltzbench": Protocol(
         name="boltzbench",
         description="true W2 of positions (unaligned and rotation+permutation aligned), energies and "
-        "interatomic distances; TV; bootstrap CIs; noise floors (val vs test)",
+        "interatomic distances; TV; half-sampling CIs; noise floors (val vs test)",
         sizes={"gmm40": (5000, 5000), "dw4": (5000, 5000), "lj13": (5000, 5000), "lj55": (5000, 5000)},
         default_split="test",
         aligned_sizes={"dw4": 1000, "lj13": 200, "lj55": 100},

@@ -1,0 +1,112 @@
+"""Tables from synthetic records: golden files, ranking with ties, missing / diverged cells, LaTeX."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_records_synthetic import GRID, make_record, standard_grid
+
+from harness import tables
+from harness.records import load_records
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("BOLTZBENCH_UPDATE_GOLDEN") == "1"
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text)
+    assert path.exists(), f"golden file {path} missing (run with BOLTZBENCH_UPDATE_GOLDEN=1)"
+    assert text == path.read_text()
+
+
+@pytest.fixture
+def grid_df(tmp_path) -> pd.DataFrame:
+    standard_grid(tmp_path)
+    return load_records(tmp_path)
+
+
+def test_golden_markdown_and_latex(grid_df):
+    tb = tables.make_table(grid_df, GRID, "boltzbench")
+    _check_golden("testgrid_boltzbench.md", tables.render_markdown(tb))
+    _check_golden("testgrid_boltzbench.tex", tables.render_latex(tb))
+
+
+def test_ranking_ties_missing_and_diverged(grid_df):
+    tb = tables.make_table(grid_df, GRID, "boltzbench")
+    assert tb.methods == ["alpha", "beta", "gamma"]
+    # x-W2 on DW-4: alpha 1.1 best, beta 2.1 second, gamma third
+    assert tb.rank[("alpha", "dw4", "x_w2")] == 1
+    assert tb.rank[("beta", "dw4", "x_w2")] == 2
+    assert tb.rank[("gamma", "dw4", "x_w2")] == 3
+    # E-W2 on DW-4: beta and gamma tie at 0.5 -> both best; alpha (1.0) second
+    assert tb.rank[("beta", "dw4", "e_w2")] == tb.rank[("gamma", "dw4", "e_w2")] == 1
+    assert tb.rank[("alpha", "dw4", "e_w2")] == 2
+    assert tb.text[("alpha", "gmm40", "x_w2")] == tables.DIVERGED
+    assert tb.text[("gamma", "gmm40", "x_w2")] == tables.MISSING
+    assert tb.text[("gamma", "dw4", "x_w2")] == "3.000 (1/2)"
+    assert tb.text[("alpha", "dw4", "x_w2")] == "1.100 ± 0.14"
+    assert ("alpha", "gmm40", "x_w2") not in tb.rank
+    assert "12 expected" in tb.coverage and "7 ok, 2 diverged, 1 failed/timeout, 2 missing" in tb.coverage
+    # GMM has no aligned x-W2 column
+    assert ("gmm40", "x_w2_aligned") not in tb.columns and ("dw4", "x_w2_aligned") in tb.columns
+    md = tables.render_markdown(tb)
+    assert "**1.100 ± 0.14**" in md and "<u>2.100 ± 0.14</u>" in md
+
+
+def test_latex_is_structurally_sound(grid_df):
+    tex = tables.render_latex(tables.make_table(grid_df, GRID, "boltzbench"))
+    for a, b in (("{", "}"), ("\\begin{", "\\end{")):
+        assert tex.count(a) == tex.count(b)
+    assert tex.index("\\toprule") < tex.index("\\midrule") < tex.index("\\bottomrule")
+    body = tex[tex.index("\\midrule") : tex.index("\\bottomrule")]
+    ncols = re.search(r"\\begin\{tabular\}\{(l c*)\}".replace(" ", ""), tex).group(1)
+    for line in body.splitlines()[1:]:
+        assert line.endswith("\\\\")
+        assert line.count(" & ") == len(ncols) - 1
+    assert "±" not in tex and "$\\pm$" in tex and "\\textbf{" in tex and "\\underline{" in tex
+
+
+def test_fmt_num():
+    assert tables.fmt_num(11.69) == "11.69"
+    assert tables.fmt_num(0.701) == "0.7010"
+    assert tables.fmt_num(562.7) == "562.7"
+    assert tables.fmt_num(float("nan")) == tables.MISSING
+    assert tables.fmt_num(1.5e9) == "1.500e+09"
+
+
+def test_reproduction_table_ratio(tmp_path):
+    make_record(tmp_path, "dw4", "bnem", 0, "ok", {"x_w2": 0.934, "e_w2": 0.458, "tv": 0.2}, protocol="bnem")
+    make_record(tmp_path, "dw4", "pis", 0, "diverged", None, protocol="bnem")
+    df = load_records(tmp_path)
+    rows = {(r["method"], r["target"], r["metric"]): r for r in tables.reproduction_rows(df, GRID, "bnem")}
+    r = rows[("bnem", "dw4", "x_w2")]
+    assert r["published"] == "0.4670" and r["ours"] == "0.9340" and r["ratio"] == "2.00"
+    assert rows[("bnem", "dw4", "e_w2")]["ratio"] == "1.00"
+    assert rows[("pis", "dw4", "x_w2")]["published"] == tables.DIVERGED
+    assert rows[("pis", "dw4", "x_w2")]["ours"] == tables.DIVERGED
+    assert rows[("dds", "gmm40", "x_w2")]["ours"] == tables.MISSING
+
+
+def test_cli_on_empty_partial_and_corrupt_dirs(tmp_path, capsys):
+    out = tmp_path / "tables"
+    assert tables.main(["--results", str(tmp_path / "runs"), "--out", str(out), "--no-figures"]) == 0
+    assert (out / "README.md").exists()
+    runs = tmp_path / "runs"
+    make_record(runs, "dw4", "alpha", 0, "ok", {"x_w2": 1.0, "e_w2": 0.1, "tv": 0.1}, protocol="idem")
+    (runs / "x").mkdir()
+    (runs / "x" / "record.json").write_text("garbage")
+    with pytest.warns(UserWarning):
+        assert tables.main(["--results", str(runs), "--out", str(out), "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "record.json" in err
+    for name in ("testgrid_idem.md", "testgrid_idem.tex", "testgrid_idem_reproduction.md",
+                 "testgrid_idem_reproduction.tex"):
+        assert (out / name).stat().st_size > 0
+    with pytest.raises(SystemExit):
+        tables.main(["--results", str(runs), "--protocol", "nope"])
