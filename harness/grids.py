@@ -8,7 +8,8 @@ over them where the grid allows it, and ``--set budget.<field>=...`` over both):
 grid           targets                seeds     budget per cell
 =============  =====================  ========  ==============================================================
 smoke          all                    1         steps=3, wall_seconds=4 (method may suggest; wall-clock
-                                                capped at 10 s); 64 eval samples at 50 % and 100 %
+                                                capped at 10 s); 64 eval samples at 50 % and 100 %,
+                                                metrics without bootstrap CIs and noise floors
 cpu            gmm40, dw4             3         wall_seconds=900 (method may suggest steps / evals)
 paper          all                    1         the method's published budget (``BUDGETS["paper"]``)
 full           all                    3         as paper
@@ -64,6 +65,8 @@ class Grid:
     time_limit_min: int = 60  # default SLURM time limit per cell when the budget has no wall-clock limit
     #: upper limits applied after the method's suggestion (not to --set): keeps `smoke` within minutes
     caps: dict[str, float] = field(default_factory=dict)
+    #: options passed to harness.metrics.evaluate for this grid's cells (looked up by spec.grid)
+    metric_opts: dict[str, Any] = field(default_factory=dict)
 
     def default_budget(self, target: str) -> dict[str, Any]:
         return dict(self.budgets.get(target, self.budgets.get("*", {})))
@@ -85,6 +88,8 @@ GRIDS: dict[str, Grid] = {
             n_eval_samples=64,
             time_limit_min=10,
             caps={"wall_seconds": 10.0},
+            # a plumbing check: no bootstrap intervals and no noise floors (they dominate a smoke cell)
+            metric_opts={"n_boot": 0, "n_boot_ot": 0, "noise_floor": False},
         ),
         Grid(
             "cpu",

@@ -124,10 +124,19 @@ def _eval_sizes(spec: RunSpec) -> tuple[int, int]:
     return int(n_gen), int(n_ref)
 
 
-def _evaluate_metrics(samples: torch.Tensor, reference: torch.Tensor, target: Any, protocol: str) -> dict:
+def _metric_opts(spec: RunSpec) -> dict[str, Any]:
+    """The grid's options for harness.metrics.evaluate (none for cells of unknown grids)."""
+    from harness import grids
+
+    g = grids.GRIDS.get(spec.grid)
+    return dict(g.metric_opts) if g is not None else {}
+
+
+def _evaluate_metrics(samples: torch.Tensor, reference: torch.Tensor, target: Any, protocol: str,
+                      **opts: Any) -> dict:
     from harness import metrics
 
-    return dict(metrics.evaluate(samples, reference, target, protocol))
+    return dict(metrics.evaluate(samples, reference, target, protocol, **opts))
 
 
 def _finite_logs(logs: Any, step: int) -> dict[str, float]:
@@ -402,7 +411,8 @@ def _evaluate(
         )
     finite = torch.isfinite(x).all(dim=1)
     n_nonfinite = int((~finite).sum())
-    metrics = _evaluate_metrics(x, reference, target, spec.protocol) if reference is not None else {}
+    opts = _metric_opts(spec)
+    metrics = _evaluate_metrics(x, reference, target, spec.protocol, **opts) if reference is not None else {}
     metrics = {
         k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in metrics.items()
     }

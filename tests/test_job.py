@@ -191,3 +191,16 @@ def test_bad_device_fails_cleanly(toy_method, fast_metrics, results):
         pytest.skip("CUDA present")
     rec = job.run_one(_spec(device="cuda"), results)
     assert rec.status == "failed" and "CUDA is not available" in rec.error
+
+
+def test_grid_metric_options_reach_evaluate(toy_method, results, monkeypatch):
+    seen = []
+
+    def spy(samples, reference, target, protocol, **opts):
+        seen.append(opts)
+        return {}
+
+    monkeypatch.setattr(job, "_evaluate_metrics", spy)
+    job.run_one(_spec(grid="smoke", budget={"steps": 2}, eval_fractions=(1.0,)), results)
+    job.run_one(_spec(grid="other", budget={"steps": 2}, eval_fractions=(1.0,)), results)
+    assert seen == [{"n_boot": 0, "n_boot_ot": 0, "noise_floor": False}, {}]

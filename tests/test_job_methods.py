@@ -17,7 +17,7 @@ from harness import grids, job
 REGISTERED = [m for m in methods.names() if m != "toy"]
 
 
-def _fast_metrics(samples, reference, target, protocol):
+def _fast_metrics(samples, reference, target, protocol, **opts):
     s = samples[torch.isfinite(samples).all(1)].double()
     return {"mean": s.mean(0).tolist(), "second_moment": float((s**2).mean())}
 
