@@ -347,3 +347,16 @@ def test_published_dw4_noise_floors():
     assert bb["e_w2"] == pytest.approx(0.107, abs=0.03)
     assert bb["x_w2"] == pytest.approx(1.80, abs=0.1)
     assert bb["e_w2"] ** 2 == pytest.approx(idem["e_w2"], rel=1e-9)
+
+
+def test_boltzbench_particles_aligned_below_unaligned_and_keys():
+    t = targets.get("lj13")
+    rng = _rng(17)
+    g, te, va = (t.center(torch.from_numpy(rng.standard_normal((30, 39)) * 0.8)).numpy() for _ in range(3))
+    r = M.evaluate(g, {"test": te, "val": va}, t, "boltzbench", n_aligned=30, n_boot=5, n_boot_ot=3)
+    for k in ("x_w2", "x_w2_aligned", "e_w2", "dist_w2", "tv"):
+        assert math.isfinite(r[k]) and math.isfinite(r[f"{k}_floor"]), k
+        assert r[f"{k}_ci_lo"] <= r[k] <= r[f"{k}_ci_hi"], k
+    # the aligned cost is a minimum over rotations and permutations that include the identity
+    assert r["x_w2_aligned"] <= r["x_w2"] + 1e-12
+    assert r["x_w2_aligned_floor"] <= r["x_w2_floor"] + 1e-12
