@@ -26,7 +26,7 @@ import targets
 from harness.budget import CountingTarget
 
 CPU_DEFAULT_TARGETS = ("gmm40", "dw4")
-WARMUP_STEPS = 2
+WARMUP_STEPS = 1
 N_SAMPLES = 1000
 
 
