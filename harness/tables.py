@@ -257,13 +257,15 @@ def footnotes(sub: pd.DataFrame, protocol: str, tgs: list[str]) -> list[str]:
         for t in tgs:
             ng, nr = p.sizes.get(t, (None, None))
             s = f"{target_display(t)} {ng} vs {nr}"
+            n_al = p.aligned_sizes.get(t) if protocol == "boltzbench" else None
             if not sub.empty and "m_n_generated" in sub.columns:
                 used = sub[(sub["target"] == t) & sub["is_final"].astype(bool)]["m_n_generated"].dropna()
                 if len(used) and int(used.min()) != ng:
                     lo, hi = int(used.min()), int(used.max())
                     s += f" (records used {lo}" + (f"–{hi})" if hi != lo else ")")
-            if protocol == "boltzbench" and t in p.aligned_sizes:
-                s += f"; aligned x-W2 at {p.aligned_sizes[t]} vs {p.aligned_sizes[t]}"
+                    n_al = min(n_al, hi) if n_al else n_al
+            if n_al:
+                s += f"; aligned x-W2 at {n_al} vs {n_al}"
             sizes.append(s)
         notes.append("Sample sizes (generated vs reference): " + "; ".join(sizes) + ".")
         if protocol == "bnem" and "lj55" in tgs:
