@@ -189,6 +189,11 @@ def curves_figure(df: pd.DataFrame, target_key: str, metrics: list[str], path: P
                 )
                 if (d[xc] > 0).all():
                     ax.set_xscale("log")
+                y = d[METRIC_PREFIX + m].astype(float)
+                if (y > 0).all() and y.max() > 100 * y.min():
+                    ax.set_yscale("log")
+                if ax.get_legend() is not None:
+                    ax.get_legend().set_title("method")
             ax.set_xlabel("energy evaluations" if xc == "u_energy_evals" else "training wall-clock [s]")
             ax.set_ylabel(m)
     fig.suptitle(_display("target", target_key))
