@@ -250,3 +250,17 @@ def test_cli_rejects_exact_target_and_bad_split(capsys):
         ref.main(["--target", "nope"])
     with pytest.raises(ValueError, match="valid splits"):
         ref.main(["--target", "lj13", "--splits", "holdout"])
+
+
+@pytest.mark.parametrize("init", ["compact", "lattice"])
+def test_initial_positions_are_centred_and_non_overlapping(init):
+    t = targets.get("lj55")
+    s = ref.SamplerSettings(init=init, init_spacing=1.05)
+    x = ref.initial_positions(t, 6, s, torch.Generator().manual_seed(0), torch.float64)
+    assert x.shape == (6, 165) and t.as_particles(x).mean(1).abs().max() < 1e-12
+    d = t.interatomic_distances(x)
+    assert d.min() > 0.75  # jitter 0.05 per coordinate around sites ≥ 1.05 apart
+    if init == "compact":  # a dense droplet: every particle within ~2.2 spacings of the centre
+        assert t.as_particles(x).norm(dim=-1).max() < 2.6
+    with pytest.raises(ValueError, match="valid: compact, lattice, gaussian"):
+        ref.initial_positions(t, 1, ref.SamplerSettings(init="random"), torch.Generator(), torch.float64)
