@@ -36,7 +36,7 @@ def _toy_classes() -> tuple[type, type]:
         BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"cpu": {"dw4": {"steps": 50}}}
 
         batch_size: int = 32
-        lr: float = 0.05
+        lr: float = 0.01
         init_scale: float = 1.0
         diverge_at_step: int | None = None  # set parameters to NaN at this step
         fail_at_step: int | None = None  # raise RuntimeError at this step
@@ -57,7 +57,8 @@ def _toy_classes() -> tuple[type, type]:
                 config.init_scale * torch.randn(d, generator=generator, device=self.device)
             )
             self.log_sigma = torch.nn.Parameter(torch.zeros(d, device=self.device))
-            self.opt = torch.optim.Adam([self.mu, self.log_sigma], lr=config.lr)
+            # hand-written SGD with momentum (torch.optim's first use imports torch._dynamo: seconds)
+            self.velocity = torch.zeros(2, d, device=self.device)
             self.n_steps = 0
 
         def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,10 +78,11 @@ def _toy_classes() -> tuple[type, type]:
             e, g = self.target.energy_and_grad(x)
             g = g.clamp(-1e3, 1e3)
             sigma = self.log_sigma.detach().exp()
-            self.opt.zero_grad()
-            self.mu.grad = g.mean(0)
-            self.log_sigma.grad = (g * eps * sigma).mean(0) - 1.0
-            self.opt.step()
+            grad = torch.stack([g.mean(0), (g * eps * sigma).mean(0) - 1.0])
+            self.velocity.mul_(0.9).add_(grad)
+            with torch.no_grad():
+                self.mu.sub_(c.lr * self.velocity[0])
+                self.log_sigma.sub_(c.lr * self.velocity[1]).clamp_(-5.0, 5.0)
             if c.diverge_at_step is not None and self.n_steps >= c.diverge_at_step:
                 with torch.no_grad():
                     self.log_sigma.fill_(float("nan"))
@@ -98,7 +100,7 @@ def _toy_classes() -> tuple[type, type]:
             return {
                 "mu": self.mu.detach().clone(),
                 "log_sigma": self.log_sigma.detach().clone(),
-                "opt": self.opt.state_dict(),
+                "velocity": self.velocity.clone(),
                 "n_steps": self.n_steps,
             }
 
@@ -106,7 +108,7 @@ def _toy_classes() -> tuple[type, type]:
             with torch.no_grad():
                 self.mu.copy_(state["mu"])
                 self.log_sigma.copy_(state["log_sigma"])
-            self.opt.load_state_dict(state["opt"])
+                self.velocity.copy_(state["velocity"])
             self.n_steps = int(state["n_steps"])
 
         def diagnostics(self) -> dict[str, float]:

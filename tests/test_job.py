@@ -15,7 +15,7 @@ from harness import job
 from harness.records import RunRecord, RunSpec
 
 
-def _fast_metrics(samples, reference, target, protocol):
+def _fast_metrics(samples, reference, target, protocol, **opts):
     # deterministic stand-in for harness.metrics.evaluate: a function of the samples only
     s = samples[torch.isfinite(samples).all(1)]
     return {"x_w2": float((s.double().mean(0) - reference.double().mean(0)).norm()),
@@ -52,7 +52,7 @@ def test_counts_evaluation_points_and_record(toy_method, fast_metrics, results):
     assert [e["fraction"] for e in rec.evaluations] == [0.1, 0.3, 1.0]
     assert [e["usage"]["steps"] for e in rec.evaluations] == [1, 3, 10]
     assert all(e["n_samples"] == 32 and e["n_nonfinite"] == 0 for e in rec.evaluations)
-    assert rec.config["batch_size"] == 16 and rec.config["lr"] == 0.05
+    assert rec.config["batch_size"] == 16 and rec.config["lr"] == 0.01
     assert rec.environment["versions"]["torch"] == torch.__version__
     assert rec.environment["torch_threads"] == 1
     assert rec.samples_file == "samples.npz"
@@ -204,3 +204,55 @@ def test_grid_metric_options_reach_evaluate(toy_method, results, monkeypatch):
     job.run_one(_spec(grid="smoke", budget={"steps": 2}, eval_fractions=(1.0,)), results)
     job.run_one(_spec(grid="other", budget={"steps": 2}, eval_fractions=(1.0,)), results)
     assert seen == [{"n_boot": 0, "n_boot_ot": 0, "noise_floor": False}, {}]
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_exits(toy_method, fast_metrics, results):
+    import os
+    import signal
+
+    spec = _spec(budget={"steps": 10})
+
+    def term(step, logs):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as e:
+            job.run_one(spec, results, checkpoint_every_s=1e9, on_step=term)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is old  # handlers restored
+    assert ck.load_checkpoint(spec.run_dir(results))["usage"]["steps"] == 4
+    assert not (spec.run_dir(results) / "record.json").exists()
+    assert job.run_one(spec, results).usage["steps"] == 10  # resumes
+
+
+def test_usr2_goes_to_the_previous_handler_and_timeout_is_recorded(toy_method, fast_metrics, results):
+    import os
+    import signal
+
+    from submitit.core.utils import UncompletedJobError
+
+    calls = []
+
+    def submitit_like(signum, frame):  # what submitit does when the requeues are used up
+        calls.append(signum)
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    def usr2(step, logs):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    spec = _spec(budget={"steps": 10})
+    old = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        with pytest.raises(UncompletedJobError):
+            job.run_one(spec, results, checkpoint_every_s=1e9, on_step=usr2)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert calls == [signal.SIGUSR2]
+    rec = RunRecord.read(spec.run_dir(results) / "record.json")
+    assert rec.status == "timeout" and rec.usage["steps"] == 3
+    assert ck.load_checkpoint(spec.run_dir(results))["usage"]["steps"] == 3

@@ -17,7 +17,7 @@ from harness import run as cli
 PLUGIN = "tests/conftest.py:register_toy"
 
 
-def _fast_metrics(samples, reference, target, protocol):
+def _fast_metrics(samples, reference, target, protocol, **opts):
     s = samples[torch.isfinite(samples).all(1)]
     return {"x_w2": float((s.double().mean(0) - reference.double().mean(0)).norm())}
 
