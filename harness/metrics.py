@@ -21,8 +21,9 @@ Exact OT: the squared cost matrix is built in row chunks straight into one float
 temporaries) and solved either by POT's network simplex (``ot.emd2``, iteration cap raised to 10⁹, a
 non-optimal exit raises ``OTNotConvergedError``) or, for equal sizes with uniform weights (then the optimal
 plan is a permutation, Birkhoff), by scipy's exact assignment solver, which is about twice as fast and needs
-no plan matrix. Both give the same optimum (tested). Memory: 8·N·M bytes for the cost (+ the same again
-for POT's plan), i.e. 0.8 GB (1.6 GB) at 10 000 × 10 000.
+no plan matrix. Both give the same optimum (tested). Measured at 10 000 × 10 000 in 165-D (one core): cost
+matrix 2.5 s CPU, assignment 34.8 s CPU, peak RSS 1.15 GB (the 0.8 GB cost matrix + working set); POT's
+network simplex 78.8 s CPU and 4.1 GB peak, so "auto" never sends a square uniform problem to it.
 
 Robustness: non-finite generated samples give NaN metrics and ``n_nonfinite`` > 0, never an exception.
 All values in the returned dict are plain floats (counts included), ready for a run record.

@@ -2,7 +2,7 @@
 
 The headline requirement: exact OT between 10 000 and 10 000 samples in 165-D (LJ-55 full batch, the
 ``idem`` protocol's size) in ≤ 60 s on the 2-core CPU with bounded memory (one float64 cost matrix of
-0.8 GB, built in row chunks; + 0.8 GB for POT's plan with the ``emd`` solver). Both exact solvers are
+0.8 GB, built in row chunks; the assignment solver adds little, POT's network simplex several GB). Both are
 timed; ``extra_info`` records W2², the solver, the process CPU seconds of the solve (robust to a machine
 shared with other jobs, where wall-clock is not) and the peak RSS. These are timings, not assertions.
 """
