@@ -180,7 +180,7 @@ class FABConfig(MethodConfig):
     }
     BUDGETS = {
         "smoke": {"*": {"steps": 4, "wall_seconds": 60}},
-        "cpu": {"gmm40": {"steps": 20_000, "wall_seconds": 1800}, "dw4": {"wall_seconds": 1800}},
+        "cpu": {"gmm40": {"steps": 5_000, "wall_seconds": 1800}, "dw4": {"wall_seconds": 1800}},
         # fab-torch GMM: 2e7 flow forward passes = 52 076 AIS iterations × 4 buffer steps
         "paper": {"gmm40": {"steps": 208_304}, "dw4": {"steps": 20_000 * 8}, "lj13": {"steps": 14_000 * 8}},
     }

@@ -1,7 +1,7 @@
 """Slow known-answer test: FAB on GMM-40 under the ``cpu`` grid cell reaches the BNEM-protocol x-W2 ≤ 6
 (BNEM poster: FAB 3.828; exact samples score ≈ 2.2 at 1000 vs 1000) with a useful importance-sampling ESS.
 
-Runs the ``cpu`` preset for the ``cpu`` budget's optimiser steps (20 000; ≈ 10 min on one free CPU core).
+Runs the ``cpu`` preset for the ``cpu`` budget's optimiser steps (5 000; ≈ 3 min on one free CPU core).
 """
 
 from __future__ import annotations
