@@ -360,3 +360,19 @@ def test_boltzbench_particles_aligned_below_unaligned_and_keys():
     # the aligned cost is a minimum over rotations and permutations that include the identity
     assert r["x_w2_aligned"] <= r["x_w2"] + 1e-12
     assert r["x_w2_aligned_floor"] <= r["x_w2_floor"] + 1e-12
+
+
+def test_missing_val_split_falls_back_to_test_and_flags_it(monkeypatch):
+    t = targets.get("dw4")
+    rng = _rng(18)
+    ref = t.center(torch.from_numpy(rng.standard_normal((60, 8)) * 2)).numpy()
+
+    def no_reference(split="test", n=None):
+        raise FileNotFoundError(f"no {split} split here")
+
+    monkeypatch.setattr(t, "reference", no_reference)
+    with pytest.warns(UserWarning, match="reference split 'val' unavailable"):
+        r = M.evaluate(ref[::-1].copy(), ref, t, "idem")
+    assert r["val_fallback"] == 1.0
+    assert math.isnan(r["x_w2_floor"])
+    assert r["e_w2"] == pytest.approx(0.0, abs=1e-12)  # computed against the test split instead
