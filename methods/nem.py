@@ -280,6 +280,9 @@ class NEMConfig(MethodConfig):
     max_score_norm: float = 1000.0
     sample_chunk: int = 2048
     eval_from_ema: bool = False  # sample() from the EMA network (the code's test path uses the raw network)
+    #: generated samples with a training energy above this are not added to the buffer (None: keep all). The
+    #: published GMM (fab-torch) sets log p = −inf where log p < −1e4, where NEM's targets are undefined.
+    buffer_max_energy: float | None = None
 
     # Published settings (tonyauyeung/BNEM HEAD 1b2eb92: configs/model/nem.yaml +
     # configs/experiment/*_nem.yaml; bnem-reference-code.md §5). GMM works in x/50.
@@ -319,7 +322,7 @@ class NEMConfig(MethodConfig):
         # network's samples explode in our short runs, see docs/nem.md). DW-4: a small EGNN, K = 100, batch
         # 128, a 100-step SDE grid (published 1000) and a faster EMA (0.8 per epoch)
         "cpu": {
-            "gmm40": dict(batch_size=256, max_score_norm=50.0),
+            "gmm40": dict(batch_size=256, max_score_norm=50.0, buffer_max_energy=1e4),
             "dw4": dict(
                 batch_size=128, ema_beta=0.8, n_mc=100, hidden=32, sde_steps=100, n_new_per_epoch=256
             ),
@@ -327,7 +330,7 @@ class NEMConfig(MethodConfig):
     }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"*": dict(steps=6)},
-        "cpu": {"gmm40": dict(steps=4000, wall_seconds=2400.0), "dw4": dict(steps=1500, wall_seconds=2400.0)},
+        "cpu": {"gmm40": dict(steps=3000, wall_seconds=2400.0), "dw4": dict(steps=1500, wall_seconds=2400.0)},
         # published: at most 1000 epochs x 100 steps (LJ-55: 2000 epochs), early-stopped on val energy W2
         "paper": {"*": dict(steps=100_000), "lj55": dict(steps=200_000)},
     }
@@ -370,7 +373,7 @@ class BNEMConfig(NEMConfig):
     PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"*": dict(NEMConfig.PRESETS["smoke"]["*"], n_mc=8, bootstrap_mc=4, bootstrap_start_step=3)},
         "cpu": {
-            "gmm40": dict(NEMConfig.PRESETS["cpu"]["gmm40"], max_score_norm=70.0, bootstrap_start_step=2000),
+            "gmm40": dict(NEMConfig.PRESETS["cpu"]["gmm40"], max_score_norm=70.0, bootstrap_start_step=1500),
             "dw4": dict(NEMConfig.PRESETS["cpu"]["dw4"], bootstrap_start_step=750),
         },
     }
@@ -435,6 +438,7 @@ class NEM(Method):
             self.smoothing = LJSmoothing(target, lennard_jones.PAIR_FACTOR, lennard_jones.EPS2)
         self.buffer = ReplayBuffer(self.dim, c.buffer_size, dev)
         self.step = 0
+        self.n_rejected = 0  # generated samples kept out of the buffer by buffer_max_energy
         self.last_accept_rate = float("nan")
         x_init = self.prior.sample(c.n_init, generator)
         self.buffer.add(x_init, self.train_energy_total(x_init))
@@ -556,8 +560,16 @@ class NEM(Method):
         self.ema.update(self.net)
         net = self.ema.model if self.config.buffer_from_ema else self.net
         y = self._generate(net, self.config.n_new_per_epoch)
-        if bool(torch.isfinite(y).all()):
-            self.buffer.add(y, self.train_energy_total(y))
+        y = y[torch.isfinite(y).all(-1)]
+        if y.shape[0] == 0:
+            return
+        e = self.train_energy_total(y)
+        if self.config.buffer_max_energy is not None:
+            keep = e <= self.config.buffer_max_energy
+            self.n_rejected += int((~keep).sum())
+            y, e = y[keep], e[keep]
+        if y.shape[0] > 0:
+            self.buffer.add(y, e)
 
     # ------------------------------------------------------------------ sampling and state
     def sample(self, n: int) -> Tensor:
@@ -570,7 +582,7 @@ class NEM(Method):
         return (y * self.scale).detach()
 
     def diagnostics(self) -> dict[str, float]:
-        return {"buffer_size": float(len(self.buffer))}
+        return {"buffer_size": float(len(self.buffer)), "buffer_rejected": float(self.n_rejected)}
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (deep copy, safe to keep while training continues)."""
@@ -581,6 +593,7 @@ class NEM(Method):
                 "opt": self.opt.state_dict(),
                 "buffer": self.buffer.state_dict(),
                 "step": self.step,
+                "n_rejected": self.n_rejected,
                 "last_accept_rate": self.last_accept_rate,
                 "generator": self.generator.get_state(),
             }
@@ -592,6 +605,7 @@ class NEM(Method):
         self.opt.load_state_dict(state["opt"])
         self.buffer.load_state_dict(state["buffer"])
         self.step = int(state["step"])
+        self.n_rejected = int(state.get("n_rejected", 0))
         self.last_accept_rate = float(state["last_accept_rate"])
         self.generator.set_state(state["generator"])
 

@@ -346,3 +346,15 @@ def test_smoke_cells_run(cls, name):
     assert x.shape == (3, ct.dim) and torch.isfinite(x).all()
     if ct.n_particles is not None:
         assert torch.allclose(ct.as_particles(x).mean(1), torch.zeros(3, ct.spatial_dim), atol=1e-4)
+
+
+def test_buffer_max_energy_filters_generated_samples():
+    m, ct = _make(NEM, "gmm40", buffer_max_energy=-1e9)  # nothing passes
+    n0 = len(m.buffer)
+    for _ in range(m.config.steps_per_epoch):
+        m.train_step()
+    assert len(m.buffer) == n0 and m.diagnostics()["buffer_rejected"] == m.config.n_new_per_epoch
+    m2, _ = _make(NEM, "gmm40")
+    for _ in range(m2.config.steps_per_epoch):
+        m2.train_step()
+    assert len(m2.buffer) == n0 + m2.config.n_new_per_epoch
