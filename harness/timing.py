@@ -552,6 +552,25 @@ def _notes(
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def _tick_label(v: float, _pos: Any = None) -> str:
+    """Plain numbers below 10^4, ``2e5``-style above."""
+    if v >= 1e4:
+        m, e = f"{v:.0e}".split("e")
+        return f"{m}e{int(e)}"
+    return f"{v:g}"
+
+
+def _log_axis(axis: Any, set_scale: Any, values: np.ndarray) -> None:
+    """Log scale with labelled ticks at 1, 2, 5 × 10^k over short ranges (≤ 2 decades), 10^k otherwise."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    set_scale("log")
+    decades = math.log10(values.max() / values.min()) if values.min() > 0 else 0.0
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(_tick_label))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: str | Path) -> Path | None:
     """Metric vs training wall-clock and vs training energy evaluations (log x), one line per run, coloured by
     method, with the quality level dashed. Returns the written path, or None if there is nothing to plot."""
@@ -567,7 +586,6 @@ def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     d["training energy evals"] = d["energy_evals"] - d["sample_energy_evals"].fillna(0)
     d["training wall-clock (s)"] = d["train_seconds"]
@@ -587,14 +605,13 @@ def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: 
             legend=ax is axes[-1],
         )
         if (d[x] > 0).all():
-            ax.set_xscale("log")
-            # ticks at 1, 2, 5 × 10^k labelled plainly: short ranges still get labels, none collide
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            _log_axis(ax.xaxis, ax.set_xscale, d[x].to_numpy(dtype=float))
         if _finite(level):
             ax.axhline(level, ls="--", c="grey", lw=1)
         ax.set_ylabel(metric)
+    yv = d[col].to_numpy(dtype=float)
+    if (yv > 0).all() and yv.max() / yv.min() > 100:  # metrics spanning decades: log scale, shared y
+        _log_axis(axes[0].yaxis, axes[0].set_yscale, yv)
     fig.suptitle(f"{_display_name('target', target)}: {metric} vs cost (dashed: level {_fmt(level)})")
     fig.tight_layout()
     path = Path(path)
