@@ -83,8 +83,10 @@ def absolute_plugins(plugins: Sequence[str]) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------- the job
 class CellJob(submitit.helpers.Checkpointable):
-    """The callable submitit runs for one cell. On preemption / timeout submitit calls ``checkpoint`` (the
-    default: resubmit the same call) and requeues; the cell then resumes from its own checkpoint file."""
+    """The callable submitit runs: one cell (SLURM array task), or a list of cells run one after the other
+    (a local worker process: imports and caches are paid once). On preemption / timeout submitit calls
+    ``checkpoint`` (the default: resubmit the same call) and requeues; finished cells are then skipped (their
+    record is done) and the interrupted one resumes from its own checkpoint file."""
 
     def __init__(self, plugins: Sequence[str] = (), threads: int | None = None,
                  checkpoint_every_s: float = 300.0):
@@ -92,16 +94,22 @@ class CellJob(submitit.helpers.Checkpointable):
         self.threads = threads
         self.checkpoint_every_s = checkpoint_every_s
 
-    def __call__(self, spec_dict: dict[str, Any], results_root: str) -> str:
+    def __call__(
+        self, spec_dict: dict[str, Any] | list[dict[str, Any]], results_root: str
+    ) -> str | list[str]:
         load_plugins(self.plugins)
-        spec = RunSpec.from_dict(spec_dict)
-        try:
-            rec = run_one(
-                spec, results_root, threads=self.threads, checkpoint_every_s=self.checkpoint_every_s
-            )
-        except ck.CellBusyError as e:
-            return f"busy: {e}"
-        return rec.status
+        items = [spec_dict] if isinstance(spec_dict, dict) else list(spec_dict)
+        out = []
+        for d in items:
+            spec = RunSpec.from_dict(d)
+            try:
+                rec = run_one(
+                    spec, results_root, threads=self.threads, checkpoint_every_s=self.checkpoint_every_s
+                )
+                out.append(rec.status)
+            except ck.CellBusyError as e:
+                out.append(f"busy: {e}")
+        return out[0] if isinstance(spec_dict, dict) else out
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -406,40 +414,46 @@ def _run_debug(specs: list[RunSpec], root: Path, opts: DispatchOptions, out: Lau
 
 def _run_local(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: CellJob, folder: Path,
                limit: Callable[[RunSpec], int], out: Launch, stream: Any, interactive: bool | None) -> Launch:
+    """``opts.jobs`` worker processes (submitit local jobs), each running its share of the cells one after
+    the other (cells dealt round-robin); a cell is reported when its record appears."""
     ex = submitit.LocalExecutor(folder=folder, max_num_timeout=opts.max_requeues)
+    n_workers = max(1, min(opts.jobs, len(specs)))
     if opts.threads is None:
-        job.threads = max(1, (os.cpu_count() or 1) // max(1, opts.jobs))
-    queue = list(specs)
-    running: dict[str, tuple[Any, RunSpec]] = {}
+        job.threads = max(1, (os.cpu_count() or 1) // n_workers)
+    pending: dict[str, tuple[Any, RunSpec, int]] = {}
+    workers = []
+    for w in range(n_workers):
+        chunk = specs[w::n_workers]
+        ex.update_parameters(timeout_min=sum(limit(s) for s in chunk), stderr_to_stdout=True)
+        j = ex.submit(job, [s.to_dict() for s in chunk], str(root))
+        workers.append(j)
+        for i, s in enumerate(chunk):
+            pending[s.cell_id] = (j, s, i)
+            out.job_ids[s.cell_id] = j.job_id
     prog = Progress(len(specs), stream, interactive)
     try:
-        while queue or running:
-            while queue and len(running) < max(1, opts.jobs):
-                s = queue.pop(0)
-                ex.update_parameters(timeout_min=limit(s), stderr_to_stdout=True)
-                j = ex.submit(job, s.to_dict(), str(root))
-                running[s.cell_id] = (j, s)
-                out.job_ids[s.cell_id] = j.job_id
-            prog.running(len(running))
+        while pending:
+            prog.running(sum(1 for j in workers if not j.done()))
             time.sleep(min(opts.poll_s, 0.5))
-            for cid, (j, s) in list(running.items()):
-                if not j.done():
-                    continue
-                del running[cid]
+            for cid, (j, s, i) in list(pending.items()):
+                done = j.done()  # before reading the record: a finished worker wrote all it ever will
                 status, rec = _outcome(s, root)
+                if not status and not done:
+                    continue
                 if not status:
-                    result = _local_result(j)
+                    result = _local_result(j, i)
                     if result.startswith("busy"):
                         status = result
                     else:
                         status, rec = _write_lost(
-                            s, root, f"local job {j.job_id} exited without a record. Output tail:\n"
-                            + _tail(j.paths.stdout) + result
+                            s, root, f"local worker {j.job_id} exited before this cell wrote its record. "
+                            "Output tail:\n" + _tail(j.paths.stdout) + result
                         )
+                del pending[cid]
                 out.outcomes[cid] = status
                 prog.finished(s, status, rec)
     except KeyboardInterrupt:
-        for j, _ in running.values():
+        for j in workers:
             with contextlib.suppress(Exception):
                 j.cancel()
         raise
@@ -448,8 +462,9 @@ def _run_local(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: Cel
     return out
 
 
-def _local_result(j: Any) -> str:
-    """The callable's return value from the result pickle, if the job wrote one (never waits)."""
+def _local_result(j: Any, index: int | None = None) -> str:
+    """The callable's return value (item ``index`` of a worker's list) from the result pickle, if the job
+    wrote one (never waits)."""
     path = j.paths.result_pickle
     if not path.exists():
         return ""
@@ -457,7 +472,11 @@ def _local_result(j: Any) -> str:
         outcome, value = submitit.core.utils.pickle_load(path)
     except Exception:
         return ""
-    return str(value) if outcome == "success" else f"\n{value}"
+    if outcome != "success":
+        return f"\n{value}"
+    if isinstance(value, list):
+        return str(value[index]) if index is not None and index < len(value) else ""
+    return str(value)
 
 
 def _run_slurm(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: CellJob, folder: Path,

@@ -99,13 +99,17 @@ def test_debug_executor_runs_in_process_and_prints_one_line_per_cell(toy_method,
 
 def test_local_executor_runs_cells_in_subprocesses(toy_method, results):
     """Through submitit's LocalExecutor, with the real metrics in the child processes."""
-    specs = [_spec(target="gmm40"), _spec(target="dw4", config={"batch_size": 8})]
+    specs = [_spec(target="gmm40"), _spec(target="dw4", config={"batch_size": 8}), _spec(replicate=1)]
     opts = dispatch.DispatchOptions(executor="local", jobs=2, plugins=(PLUGIN,), poll_s=0.2)
     out = io.StringIO()
     launch = dispatch.launch(dispatch.plan(specs, results).to_run, results, opts,
                              time_limit_min=lambda s: 5, stream=out, interactive=False)
     assert launch.outcomes == {s.cell_id: "ok" for s in specs}, out.getvalue()
     assert launch.folder and "/_submitit/" in launch.folder
+    # two worker processes; the first runs cells 0 and 2 one after the other
+    assert len(set(launch.job_ids.values())) == 2
+    assert launch.job_ids[specs[0].cell_id] == launch.job_ids[specs[2].cell_id]
+    assert len(out.getvalue().strip().splitlines()) == 3
     for s in specs:
         rec = json.loads((s.run_dir(results) / "record.json").read_text())
         assert rec["status"] == "ok" and rec["usage"]["steps"] == 4
@@ -118,13 +122,15 @@ def test_local_executor_runs_cells_in_subprocesses(toy_method, results):
 
 def test_local_job_dying_without_record_gets_a_failed_record(toy_method, results):
     spec = _spec(config={"exit_at_step": 3}, budget={"steps": 6})
+    never = _spec(replicate=1)  # queued behind it in the same worker: never started
     opts = dispatch.DispatchOptions(executor="local", jobs=1, plugins=(PLUGIN,), poll_s=0.2,
                                     checkpoint_every_s=0.0)
-    launch = dispatch.launch([dispatch.cell_state(spec, results)], results, opts,
+    launch = dispatch.launch([dispatch.cell_state(s, results) for s in (spec, never)], results, opts,
                              time_limit_min=lambda s: 5, stream=io.StringIO(), interactive=False)
-    assert launch.outcomes == {spec.cell_id: "failed"}
+    assert launch.outcomes == {spec.cell_id: "failed", never.cell_id: "failed"}
+    assert dispatch.cell_state(never, results).state == "failed"  # re-run by the next launch
     rec = json.loads((spec.run_dir(results) / "record.json").read_text())
-    assert rec["status"] == "failed" and "without a record" in rec["error"]
+    assert rec["status"] == "failed" and "exited before this cell wrote its record" in rec["error"]
     assert "resumes from its checkpoint" in rec["error"]
     assert ck.load_checkpoint(spec.run_dir(results))["usage"]["steps"] == 2
     # a re-launch resumes: state "failed" is re-run, from step 2
