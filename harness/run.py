@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = cuda when available (SLURM: when GPUs are requested), else cpu")
     r.add_argument("--results", default=DEFAULT_RESULTS, help="results root (records, samples, checkpoints)")
     r.add_argument("--jobs", type=int, default=None,
-                   help="local executor: cells run in parallel (default: number of CPU cores)")
+                   help="local executor: worker processes running cells in parallel (default: CPU cores)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per cell (default: local: cores / jobs; SLURM: --cpus-per-task)")
     r.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",

@@ -40,7 +40,7 @@ def _wait_for_checkpoint(spec: RunSpec, root: Path, min_steps: int, timeout: flo
 
 def _slow_spec(**kw) -> RunSpec:
     base = dict(grid="slurmtest", target="dw4", method="toy", seed=5,
-                config={"batch_size": 16, "step_sleep_s": 0.3}, budget={"steps": 40},
+                config={"batch_size": 16, "step_sleep_s": 0.2}, budget={"steps": 24},
                 eval_fractions=(0.25, 1.0), n_eval_samples=32)
     base.update(kw)
     return RunSpec(**base)
@@ -96,14 +96,14 @@ def test_usr2_preemption_requeues_and_resumes_with_the_same_counts(slurm, toy_me
     root = tmp_path / "slurm"
     launch = _submit(spec, root)
     (jid,) = launch.job_ids.values()
-    steps_before = _wait_for_checkpoint(spec, root, 5)
+    steps_before = _wait_for_checkpoint(spec, root, 4)
     subprocess.run(["scancel", "--signal=USR2", jid], check=True, timeout=30)
     out = dispatch.wait_slurm(launch.handles, root, dispatch.DispatchOptions(poll_s=1.0, lost_grace_s=30.0),
                               launch, stream=io.StringIO())
     assert out.outcomes == {spec.cell_id: "ok"}
     rec = json.loads((spec.run_dir(root) / "record.json").read_text())
     assert rec["environment"]["slurm"].get("restart_count") == "1"  # it was requeued once
-    assert steps_before >= 5
+    assert steps_before >= 4
     _same_outcome(rec, ref)
 
 
@@ -112,14 +112,14 @@ def test_killed_task_resumes_from_its_checkpoint_on_relaunch(slurm, toy_method, 
     ref = _uninterrupted(spec, tmp_path / "ref")
     root = tmp_path / "slurm"
     launch = _submit(spec, root)
-    _wait_for_checkpoint(spec, root, 5)
+    _wait_for_checkpoint(spec, root, 4)
     holder = ck.read_lock_info(spec.run_dir(root))
     os.kill(int(holder["pid"]), signal.SIGKILL)
     out = dispatch.wait_slurm(launch.handles, root, dispatch.DispatchOptions(poll_s=1.0, lost_grace_s=3.0),
                               launch, stream=io.StringIO())
     assert out.outcomes == {spec.cell_id: "failed"}  # the harness noticed the job vanished without a record
     first = ck.load_checkpoint(spec.run_dir(root))
-    assert first is not None and first["usage"]["steps"] >= 5
+    assert first is not None and first["usage"]["steps"] >= 4
     # re-launch: the failed cell is re-run and resumes from the checkpoint
     state = dispatch.cell_state(spec, root)
     assert state.state == "failed"
