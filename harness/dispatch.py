@@ -309,8 +309,9 @@ class Progress:
                 line += f"  ({rec.stop_reason})"
         elapsed = time.monotonic() - self.t0
         if self.bar is not None:
-            self.bar.write(line)
+            self.bar.write(line, file=self.stream)
             self.bar.update(1)
+            self.bar.set_postfix_str(f"failed {self.failed}")
         else:
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             print(f"{line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", file=self.stream, flush=True)

@@ -201,3 +201,18 @@ def test_checkpoint_of_another_spec_is_a_mismatch(toy_method, fast_metrics, resu
     assert dispatch.plan([changed], results).to_run == []
     assert dispatch.prepare(dispatch.cell_state(changed, results), results, force=True)
     assert dispatch.cell_state(changed, results).state == "new"
+
+
+def test_interactive_progress_bar(results):
+    from harness.records import RunRecord
+
+    stream = io.StringIO()
+    prog = dispatch.Progress(2, stream, interactive=True)
+    assert prog.bar is not None
+    prog.running(2)
+    s = _spec()
+    prog.finished(s, "ok", RunRecord(spec=s, status="ok", usage={"steps": 4, "energy_evals": 10}))
+    prog.finished(_spec(replicate=1), "failed", None)
+    prog.close()
+    text = stream.getvalue()
+    assert "2/2" in text and "[1/2] ok" in text and "[2/2] failed" in text and prog.failed == 1
