@@ -93,7 +93,8 @@ GRIDS: dict[str, Grid] = {
         ),
         Grid(
             "cpu",
-            "GMM-40 and DW-4, budgets that give meaningful numbers on a CPU (15 min of training per cell)",
+            "GMM-40 and DW-4, budgets that give meaningful numbers on a CPU (harness default: 15 min of "
+            "training per cell; methods set their own steps and caps)",
             targets=("gmm40", "dw4"),
             replicates=3,
             budgets={"*": {"wall_seconds": 900.0}},
