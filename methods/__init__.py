@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from methods import (
+    dds,  # noqa: F401
+    fab,  # noqa: F401
+    idem,  # noqa: F401
+    mcmc,  # noqa: F401
+    nem,  # noqa: F401
+    pis,  # noqa: F401
+)
 from methods.base import Method, MethodConfig
 from methods.registry import METHODS, PLANNED
 
@@ -15,11 +23,3 @@ def get(name: str) -> type[Method]:
 
 def names() -> list[str]:
     return METHODS.names()
-
-# --- method modules: one import line each (keep this block at the end of the file) ---
-from methods import fab  # noqa: F401
-from methods import nem  # noqa: F401
-from methods import idem  # noqa: F401
-from methods import mcmc  # noqa: F401
-from methods import dds  # noqa: F401
-from methods import pis  # noqa: F401

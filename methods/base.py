@@ -66,10 +66,13 @@ class MethodConfig:
         hints = typing.get_type_hints(type(self))
         for k, v in overrides.items():
             if k not in names:
-                raise ValueError(f"unknown {type(self).__qualname__} key {k!r}; valid keys: {', '.join(names)}")
+                raise ValueError(
+                    f"unknown {type(self).__qualname__} key {k!r}; valid keys: {', '.join(names)}"
+                )
             if not _isinstance_hint(v, hints[k]):
                 raise ValueError(
-                    f"{type(self).__qualname__}.{k} expects {_hint_name(hints[k])}, got {v!r} ({type(v).__name__})"
+                    f"{type(self).__qualname__}.{k} expects {_hint_name(hints[k])}, "
+                    f"got {v!r} ({type(v).__name__})"
                 )
         return dataclasses.replace(self, **overrides)
 
