@@ -404,9 +404,10 @@ DEFAULT_SETTINGS: dict[str, SamplerSettings] = {
         check_every=5,
     ),
     # LJ-55: the cluster's density relaxes slowly (from a cubic lattice E and the virial still drift after
-    # 3000 MALA steps); start from a dense FCC droplet, which melts to equilibrium (E ≈ −325) in ~4000 steps
+    # 3000 MALA steps); start from a dense FCC droplet, which melts to equilibrium (E ≈ −325) in ~4000 steps.
+    # τ of the energy ≈ 300 steps at T = 1 (250-chain run), hence thin 300.
     "lj55": SamplerSettings(
-        kernel="mala", n_chains=500, n_temps=4, t_max=1.4, n_burnin=5000, thin=150, step_size=0.01,
+        kernel="mala", n_chains=500, n_temps=4, t_max=1.4, n_burnin=5000, thin=300, step_size=0.01,
         init="compact", init_spacing=1.05, check_every=2,
     ),
 }
