@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -32,8 +32,10 @@ def _toy_classes() -> tuple[type, type]:
 
     @dataclasses.dataclass(frozen=True)
     class ToyConfig(MethodConfig):
-        PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"smoke": {"*": {"batch_size": 16}}}
-        BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"cpu": {"dw4": {"steps": 50}}}
+        # plain class attributes (no annotation): a string "ClassVar[...]" annotation is resolved in
+        # sys.modules["conftest"], which is tests/bench/conftest.py when both conftests are loaded
+        PRESETS = {"smoke": {"*": {"batch_size": 16}}}
+        BUDGETS = {"cpu": {"dw4": {"steps": 50}}}
 
         batch_size: int = 32
         lr: float = 0.01
