@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 GRID   ?= smoke
 RESULTS ?= results/runs
 
-.PHONY: setup smoke run test test-slow tables timing bench references slurm-up slurm-down lint clean
+.PHONY: setup smoke run test test-slow tables timing bench bench-compare references slurm-up slurm-down lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: setup
 
 # generated references go to data/generated with a manifest (fixed seeds: re-running regenerates them).
 # dw4 is only needed where the published DW-4 splits are absent; lj55 takes a few hours of one CPU core.
+# ratios of the last `make bench` against the stored baseline (results/bench_baseline.json)
+bench-compare: setup
+	$(PY) scripts/bench_compare.py
+
 references: setup
 	$(PY) -m targets.reference --target dw4 --n 10000
 	$(PY) -m targets.reference --target lj13 --n 10000

@@ -109,6 +109,8 @@ def environment_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        # 1/5/15-minute load averages: timing tables flag runs made on an oversubscribed machine
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": package_versions(),
         "git": git_info(),
         "slurm": slurm_info(),

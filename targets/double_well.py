@@ -31,15 +31,24 @@ class DoubleWell4(ParticleTarget):
         return (A * u**4 + B * u**2).sum(-1)
 
     def _energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # An explicit loop over the 6 pairs on [B, 2] slices: ~2.5x faster on the CPU than gathering
+        # [B, 6, 2] pair vectors and scattering the forces with index_add_ (measured at B = 512k).
         x = x.detach()
-        diff = self.pair_vectors(x)  # [B, 6, 2]
-        d = diff.norm(dim=-1)
-        u = d - OFFSET
-        e = (A * u**4 + B * u**2).sum(-1)
-        dphi = 4 * A * u**3 + 2 * B * u  # dφ/dd
-        coef = dphi / d.clamp_min(torch.finfo(d.dtype).tiny)
-        g = self.scatter_pair_forces(coef, diff)
-        return e, g.reshape(x.shape)
+        p = x.view(x.shape[0], 4, 2).unbind(1)
+        tiny = torch.finfo(x.dtype).tiny
+        e = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        g = [torch.zeros_like(p[0]) for _ in range(4)]
+        for i in range(4):
+            for j in range(i + 1, 4):
+                diff = p[i] - p[j]
+                d = diff.norm(dim=-1)
+                u = d - OFFSET
+                u2 = u * u
+                e = e + (A * u2 + B) * u2
+                f = ((4 * A * u2 + 2 * B) * u / d.clamp_min(tiny)).unsqueeze(-1) * diff  # (dφ/dd)/d · diff
+                g[i] = g[i] + f
+                g[j] = g[j] - f
+        return e, torch.stack(g, 1).reshape(x.shape)
 
     def _laplacian(self, x: Tensor) -> Tensor:
         """ΔE [B]: per pair, Δ over both particles = 2 (φ''(d) + (D − 1) φ'(d) / d)."""
