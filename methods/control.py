@@ -402,9 +402,14 @@ class ControlledDiffusionSampler(Method):
         self.work = WorkingTarget(target, scale)
         self.center = self.work.center if self.work.is_particle else None
         self.coef = self.coefficients()
-        self.net = build_control(target, cfg.network, cfg.hidden, cfg.n_layers, cfg.emb_size,
-                                 cfg.time_channels, cfg.time_layers, cfg.nn_clip, cfg.score_clip,
-                                 cfg.score_clip_mode)
+        # parameters are initialised from a seed drawn from the run's generator (global RNG left untouched),
+        # so a seed reproduces a run across processes
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = build_control(target, cfg.network, cfg.hidden, cfg.n_layers, cfg.emb_size,
+                                     cfg.time_channels, cfg.time_layers, cfg.nn_clip, cfg.score_clip,
+                                     cfg.score_clip_mode)
         self.net.to(device=self.device, dtype=self.dtype)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_done = 0
