@@ -18,7 +18,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,33 @@ class Table:
     rank: dict[tuple[str, str, str], int]
     coverage: str
     footnotes: list[str]
+    cost: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, target) -> evaluations text
+
+
+def fmt_evals(v: float) -> str:
+    """Evaluation counts: exact below 1e5 (12,800), else 3 significant digits (3.01e+07)."""
+    if v is None or not math.isfinite(v):
+        return MISSING
+    return f"{v:,.0f}" if v < 1e5 else f"{v:.2e}"
+
+
+def cost_cells(fin: pd.DataFrame, tgs: list[str], mts: list[str]) -> dict[tuple[str, str], str]:
+    """Energy evaluations per (method, target) over the whole run (training and evaluation sampling), mean
+    over the ok/diverged seeds, with how many also needed a gradient: what the MCMC and PT rows are compared
+    against (the equal-evals grid gives every method the same training budget)."""
+    out: dict[tuple[str, str], str] = {}
+    for t in tgs:
+        for m in mts:
+            sub = fin[(fin["target"] == t) & (fin["method"] == m)] if not fin.empty else fin
+            sub = sub[sub["status"].isin(["ok", "diverged"])] if not sub.empty else sub
+            col = "total_energy_evals"
+            if sub.empty or col not in sub.columns:
+                out[(m, t)] = MISSING
+                continue
+            e = float(sub[col].astype(float).mean())
+            g = float(sub["total_grad_evals"].astype(float).mean()) if "total_grad_evals" in sub else 0.0
+            out[(m, t)] = fmt_evals(e) + (f" ({fmt_evals(g)} grad)" if g > 0 else "")
+    return out
 
 
 def make_table(df: pd.DataFrame, grid: str, protocol: str) -> Table:
@@ -229,6 +256,7 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str) -> Table:
         rank,
         coverage_line(fin, tgs, mts, reps),
         footnotes(sub, protocol, tgs),
+        cost_cells(fin, tgs, mts),
     )
 
 
@@ -354,6 +382,13 @@ def render_markdown(tb: Table) -> str:
     body = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) if tb.columns else ""
     out = [f"### {tb.grid} grid — `{tb.protocol}` protocol", "", body, "", tb.coverage, ""]
     out += [f"{i + 1}. {n}" for i, n in enumerate(tb.footnotes)]
+    tgs = list(dict.fromkeys(t for t, _ in tb.columns))
+    if tb.cost and tgs:
+        rows = [[method_display(m)] + [tb.cost.get((m, t), MISSING) for t in tgs] for m in tb.methods]
+        head = "#### Cost — energy evaluations over the run (of which with gradient), mean over seeds"
+        out += ["", head, ""]
+        out.append(tabulate(rows, headers=["Method"] + [target_display(t) for t in tgs], tablefmt="github",
+                            disable_numparse=True))
     return "\n".join(out) + "\n"
 
 
@@ -389,6 +424,16 @@ def render_latex(tb: Table) -> str:
         lines.append(" & ".join([_latex_escape(method_display(m))] + cells) + r" \\")
     lines.append(r"\bottomrule")
     lines.append(r"\end{tabular}")
+    tgs = list(dict.fromkeys(t for t, _ in tb.columns))
+    if tb.cost and tgs:
+        lines += [r"\par\medskip", rf"\begin{{tabular}}{{l{'r' * len(tgs)}}}", r"\toprule"]
+        lines.append(" & ".join(["Energy evaluations (with gradient)"]
+                                + [_latex_escape(target_display(t)) for t in tgs]) + r" \\")
+        lines.append(r"\midrule")
+        for m in tb.methods:
+            cells = [_latex_escape(tb.cost.get((m, t), MISSING)) for t in tgs]
+            lines.append(" & ".join([_latex_escape(method_display(m))] + cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
     cap = _latex_escape(f"{tb.grid} grid, {tb.protocol} protocol. {tb.coverage} " + " ".join(tb.footnotes))
     lines.append(rf"\caption{{{cap}}}")
     lines.append(rf"\label{{tab:{tb.grid}-{tb.protocol}}}")

@@ -110,3 +110,22 @@ def test_cli_on_empty_partial_and_corrupt_dirs(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     with pytest.raises(SystemExit):
         tables.main(["--results", str(runs), "--protocol", "nope"])
+
+
+def test_cost_cells_mean_over_usable_seeds():
+    """The cost table averages whole-run energy / gradient counts over ok and diverged seeds only."""
+    import pandas as pd
+
+    fin = pd.DataFrame(
+        {
+            "target": ["dw4", "dw4", "dw4", "gmm40"],
+            "method": ["mcmc", "mcmc", "mcmc", "idem"],
+            "status": ["ok", "diverged", "failed", "ok"],
+            "total_energy_evals": [1000.0, 3000.0, 99.0, 2.5e7],
+            "total_grad_evals": [0.0, 0.0, 0.0, 2.4e7],
+        }
+    )
+    cost = tables.cost_cells(fin, ["gmm40", "dw4"], ["idem", "mcmc"])
+    assert cost[("mcmc", "dw4")] == "2,000"  # (1000 + 3000) / 2; the failed run is excluded
+    assert cost[("idem", "gmm40")] == "2.50e+07 (2.40e+07 grad)"
+    assert cost[("idem", "dw4")] == tables.MISSING and cost[("mcmc", "gmm40")] == tables.MISSING
