@@ -111,6 +111,29 @@ def _resample(x: Tensor, log_w: Tensor, gen: torch.Generator) -> Tensor:
     return x[idx]
 
 
+def _chain_state_dict(s: ChainState) -> dict[str, Any]:
+    return {"x": s.x, "energy": s.energy, "grad": s.grad, "beta": s.beta, "step_size": s.step_size}
+
+
+def _chain_state_from(d: dict[str, Any]) -> ChainState:
+    return ChainState(d["x"], d["energy"], d["grad"], d["beta"], d["step_size"])
+
+
+def _push_trace(trace: list[Tensor], energies: Tensor, max_len: int) -> None:
+    """Append one step's energies [c] (kept on the CPU in float64) to a bounded trace."""
+    trace.append(energies.detach().double().cpu())
+    if len(trace) > max_len:
+        trace.pop(0)
+
+
+def _trace_tensor(trace: list[Tensor]) -> Tensor:
+    return torch.stack(trace) if trace else torch.zeros(0)
+
+
+def _trace_list(t: Tensor) -> list[Tensor]:
+    return list(t.unbind(0)) if t.numel() else []
+
+
 # ------------------------------------------------------------------------------------------------ mcmc
 @dataclass(frozen=True)
 class MCMCConfig(MethodConfig):
@@ -252,9 +275,7 @@ class MCMC(Method):
                     self._advance_level()
             else:
                 self.stats.update(acc)
-                self.trace.append(self.state.energy[: c.trace_chains].detach().double().cpu())
-                if len(self.trace) > c.trace_length:
-                    self.trace.pop(0)
+                _push_trace(self.trace, self.state.energy[: c.trace_chains], c.trace_length)
         return {"acceptance": acc_sum / c.steps_per_train_step,
                 "mean_energy": float(self.state.energy.mean()), "warmup_level": float(self.level)}
 
@@ -279,23 +300,21 @@ class MCMC(Method):
         return d
 
     def state_dict(self) -> dict[str, Any]:
-        s = self.state
-        return {"x": s.x, "energy": s.energy, "grad": s.grad, "beta": s.beta, "step_size": s.step_size,
-                "level": self.level, "level_step": self.level_step, "n_kernel_steps": self.n_kernel_steps,
+        return {**_chain_state_dict(self.state), "level": self.level, "level_step": self.level_step, "n_kernel_steps": self.n_kernel_steps,
                 "adapter_t": self.adapter.t if self.adapter else 0,
                 "warm_acc": self.warm_stats.accepted, "warm_prop": self.warm_stats.proposed,
                 "acc": self.stats.accepted, "prop": self.stats.proposed,
-                "trace": torch.stack(self.trace) if self.trace else torch.zeros(0)}
+                "trace": _trace_tensor(self.trace)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = ChainState(state["x"], state["energy"], state["grad"], state["beta"], state["step_size"])
+        self.state = _chain_state_from(state)
         self.level, self.level_step = int(state["level"]), int(state["level_step"])
         self.n_kernel_steps = int(state["n_kernel_steps"])
         if self.adapter is not None:
             self.adapter.t = int(state["adapter_t"])
         self.warm_stats = AcceptanceStats(state["warm_acc"], int(state["warm_prop"]))
         self.stats = AcceptanceStats(state["acc"], int(state["prop"]))
-        self.trace = list(state["trace"].unbind(0)) if state["trace"].numel() else []
+        self.trace = _trace_list(state["trace"])
 
 
 # -------------------------------------------------------------------------------------------------- pt
@@ -374,9 +393,7 @@ class ParallelTempering(Method):
                 self.exchange.swap_proposed.zero_()
         else:
             self.stats.update(acc)
-            self.trace.append(self.state.energy[: min(c.n_replicas, 256)].detach().double().cpu())
-            if len(self.trace) > c.trace_length:
-                self.trace.pop(0)
+            _push_trace(self.trace, self.state.energy[: min(c.n_replicas, 256)], c.trace_length)
         return {"acceptance": float(acc.float().mean()),
                 "mean_energy_T1": float(self.state.energy[: c.n_replicas].mean())}
 
@@ -403,19 +420,18 @@ class ParallelTempering(Method):
         return d
 
     def state_dict(self) -> dict[str, Any]:
-        s, ex = self.state, self.exchange
-        return {"x": s.x, "energy": s.energy, "grad": s.grad, "beta": s.beta, "step_size": s.step_size,
-                "n_kernel_steps": self.n_kernel_steps, "adapter_t": self.adapter.t,
+        ex = self.exchange
+        return {**_chain_state_dict(self.state), "n_kernel_steps": self.n_kernel_steps, "adapter_t": self.adapter.t,
                 "n_swaps": ex.n_swaps, "swap_accepted": ex.swap_accepted, "swap_proposed": ex.swap_proposed,
                 "acc": self.stats.accepted, "prop": self.stats.proposed,
-                "trace": torch.stack(self.trace) if self.trace else torch.zeros(0)}
+                "trace": _trace_tensor(self.trace)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = ChainState(state["x"], state["energy"], state["grad"], state["beta"], state["step_size"])
+        self.state = _chain_state_from(state)
         self.n_kernel_steps = int(state["n_kernel_steps"])
         self.adapter.t = int(state["adapter_t"])
         ex = self.exchange
         ex.n_swaps = int(state["n_swaps"])
         ex.swap_accepted, ex.swap_proposed = state["swap_accepted"], state["swap_proposed"]
         self.stats = AcceptanceStats(state["acc"], int(state["prop"]))
-        self.trace = list(state["trace"].unbind(0)) if state["trace"].numel() else []
+        self.trace = _trace_list(state["trace"])
