@@ -300,7 +300,8 @@ class MCMC(Method):
         return d
 
     def state_dict(self) -> dict[str, Any]:
-        return {**_chain_state_dict(self.state), "level": self.level, "level_step": self.level_step, "n_kernel_steps": self.n_kernel_steps,
+        return {**_chain_state_dict(self.state), "level": self.level, "level_step": self.level_step,
+                "n_kernel_steps": self.n_kernel_steps,
                 "adapter_t": self.adapter.t if self.adapter else 0,
                 "warm_acc": self.warm_stats.accepted, "warm_prop": self.warm_stats.proposed,
                 "acc": self.stats.accepted, "prop": self.stats.proposed,
@@ -421,7 +422,8 @@ class ParallelTempering(Method):
 
     def state_dict(self) -> dict[str, Any]:
         ex = self.exchange
-        return {**_chain_state_dict(self.state), "n_kernel_steps": self.n_kernel_steps, "adapter_t": self.adapter.t,
+        return {**_chain_state_dict(self.state), "n_kernel_steps": self.n_kernel_steps,
+                "adapter_t": self.adapter.t,
                 "n_swaps": ex.n_swaps, "swap_accepted": ex.swap_accepted, "swap_proposed": ex.swap_proposed,
                 "acc": self.stats.accepted, "prop": self.stats.proposed,
                 "trace": _trace_tensor(self.trace)}
