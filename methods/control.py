@@ -379,6 +379,23 @@ class ControlConfig(MethodConfig):
     sample_chunk: int = 2000  # rows simulated at once by sample()
     dtype: Literal["float32", "float64"] = "float32"
 
+    # grid presets and budgets, the same for PIS and DDS (plain class attributes, not dataclass fields)
+    PRESETS = {
+        "smoke": {"*": {"n_steps": 8, "batch_size": 16, "hidden": 16, "n_layers": 1, "emb_size": 8,
+                        "time_channels": 8, "time_layers": 1, "n_diag_samples": 64}},
+        "cpu": {
+            "gmm40": {"batch_size": 128, "hidden": 64, "n_layers": 2, "emb_size": 32, "lr": 2e-3},
+            "dw4": {"batch_size": 128, "hidden": 32, "n_layers": 2, "lr": 1e-3},
+        },
+    }
+    BUDGETS = {
+        "smoke": {"*": {"steps": 3}},
+        "cpu": {"gmm40": {"steps": 2000, "wall_seconds": 2400.0},
+                "dw4": {"steps": 1500, "wall_seconds": 2400.0}},
+        # the DEM / BNEM trainer: 100 optimiser steps per epoch × 1000 epochs (LJ-55: 2000 epochs)
+        "paper": {"*": {"steps": 100_000}, "lj55": {"steps": 200_000}},
+    }
+
 
 class ControlledDiffusionSampler(Method):
     """Training and sampling loop shared by PIS and DDS; subclasses give the chain and its start."""

@@ -44,21 +44,7 @@ class PISConfig(ControlConfig):
         "lj13": {**_PARTICLE, "n_layers": 5},
         "lj55": {**_PARTICLE, "n_layers": 5, "batch_size": 128},
     }
-    PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
-        "smoke": {"*": {"n_steps": 8, "batch_size": 16, "hidden": 16, "n_layers": 1, "emb_size": 8,
-                        "time_channels": 8, "time_layers": 1, "n_diag_samples": 64}},
-        "cpu": {
-            "gmm40": {"batch_size": 128, "hidden": 64, "n_layers": 2, "emb_size": 32, "lr": 2e-3},
-            "dw4": {"batch_size": 128, "hidden": 32, "n_layers": 2, "lr": 1e-3},
-        },
-    }
-    BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
-        "smoke": {"*": {"steps": 3}},
-        "cpu": {"gmm40": {"steps": 2000, "wall_seconds": 2400.0},
-                "dw4": {"steps": 1500, "wall_seconds": 2400.0}},
-        # DEM / BNEM trainer: 100 optimiser steps per epoch × 1000 epochs (LJ-55: 2000 epochs)
-        "paper": {"*": {"steps": 100_000}, "lj55": {"steps": 200_000}},
-    }
+    # PRESETS and BUDGETS: shared with the other controlled-diffusion sampler (methods.control.ControlConfig)
 
 
 @METHODS.register("pis")
