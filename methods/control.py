@@ -36,6 +36,7 @@ autograd function, so every target evaluation is counted once (energy + gradient
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import abstractmethod
 from collections.abc import Callable
@@ -364,6 +365,14 @@ class ControlConfig(MethodConfig):
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_norm_clip: float | None = None  # clip of the parameter-gradient norm (None: off)
+    # learning rate lr · lr_final_factor^(min(k, lr_decay_steps) / lr_decay_steps) at optimiser step k:
+    # a geometric decay to lr_final_factor·lr (juliusberner/sde_sampler decays PIS/DDS to 0.02×, qsh-zh/pis
+    # linearly); lr_decay_steps None: constant (the DEM / BNEM PIS and DDS modules)
+    lr_final_factor: float = 1.0
+    lr_decay_steps: int | None = None
+    # EMA of the control network's parameters, updated every optimiser step and used by sample() and
+    # diagnostics() (sde_sampler: 0.9999); None: sample with the trained network (DEM / BNEM)
+    ema_decay: float | None = None
     loss: Literal["kl", "lv"] = "kl"  # reverse KL (reparameterised) or log-variance
     network: Literal["mlp", "egnn"] = "mlp"
     hidden: int = 128
@@ -414,6 +423,12 @@ class ControlledDiffusionSampler(Method):
                 raise ValueError(f"{self.name}: {name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.loss == "lv" and cfg.batch_size < 2:
             raise ValueError("the log-variance loss needs batch_size >= 2")
+        if not 0.0 < cfg.lr_final_factor <= 1.0:
+            raise ValueError(f"{self.name}: lr_final_factor must be in (0, 1], got {cfg.lr_final_factor}")
+        if cfg.lr_decay_steps is not None and cfg.lr_decay_steps < 1:
+            raise ValueError(f"{self.name}: lr_decay_steps must be >= 1 or None, got {cfg.lr_decay_steps}")
+        if cfg.ema_decay is not None and not 0.0 <= cfg.ema_decay < 1.0:
+            raise ValueError(f"{self.name}: ema_decay must be in [0, 1) or None, got {cfg.ema_decay}")
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         scale = cfg.coord_scale if cfg.coord_scale is not None else float(getattr(target, "length_scale", 1))
         self.work = WorkingTarget(target, scale)
@@ -429,6 +444,8 @@ class ControlledDiffusionSampler(Method):
                                      cfg.score_clip_mode)
         self.net.to(device=self.device, dtype=self.dtype)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the sampling network: an EMA copy of the control network, or the network itself
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if cfg.ema_decay is not None else None
         self.steps_done = 0
         self._last_log_w: Tensor | None = None
 
@@ -446,9 +463,27 @@ class ControlledDiffusionSampler(Method):
         ref = gaussian_log_prob(y, self.coef.ref_var, self.work.n_dof, self.center)
         return ref + self.work.energy(y, differentiable=differentiable)
 
-    def run_paths(self, n: int, detach_path: bool) -> PathResult:
-        return simulate(self.net, self.initial_states(n), self.coef, self.work.score, self.generator,
-                        self.center, detach_path=detach_path, score_from_step=self.score_from_step)
+    def run_paths(self, n: int, detach_path: bool, net: nn.Module | None = None) -> PathResult:
+        return simulate(net if net is not None else self.net, self.initial_states(n), self.coef,
+                        self.work.score, self.generator, self.center, detach_path=detach_path,
+                        score_from_step=self.score_from_step)
+
+    def learning_rate(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based): geometric decay to lr·lr_final_factor."""
+        cfg = self.config
+        if cfg.lr_decay_steps is None:
+            return cfg.lr
+        return cfg.lr * cfg.lr_final_factor ** (min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_net is None:
+            return
+        beta = self.config.ema_decay
+        for pe, p in zip(self.ema_net.parameters(), self.net.parameters()):
+            pe.lerp_(p.detach(), 1.0 - beta)
+        for be, b in zip(self.ema_net.buffers(), self.net.buffers()):
+            be.copy_(b)
 
     # -- Method interface
     def train_step(self) -> dict[str, float]:
@@ -469,7 +504,11 @@ class ControlledDiffusionSampler(Method):
             if cfg.grad_norm_clip is not None:
                 gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_norm_clip)
                 out["grad_norm"] = float(gn)
+            lr = self.learning_rate(self.steps_done)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
             self.opt.step()
+            self._update_ema()
         self.steps_done += 1
         with torch.no_grad():
             log_w = log_weights(path, term.detach())
@@ -483,11 +522,12 @@ class ControlledDiffusionSampler(Method):
         if n < 1:
             raise ValueError(f"sample needs n >= 1, got {n}")
         self.net.eval()
+        net = self.ema_net if self.ema_net is not None else self.net
         xs, lws = [], []
         left = n
         while left > 0:
             m = min(left, self.config.sample_chunk)
-            path = self.run_paths(m, detach_path=False)
+            path = self.run_paths(m, detach_path=False, net=net)
             term = self.terminal_cost(path.y, differentiable=False)
             lws.append(log_weights(path, term))
             x = self.work.scale * path.y
@@ -510,11 +550,16 @@ class ControlledDiffusionSampler(Method):
                 "n_is": float(lw.shape[0])}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "steps_done": self.steps_done,
-                "generator": self.generator.get_state()}
+        state = {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "steps_done": self.steps_done,
+                 "generator": self.generator.get_state()}
+        if self.ema_net is not None:
+            state["ema_net"] = self.ema_net.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
+        if self.ema_net is not None:
+            self.ema_net.load_state_dict(state["ema_net"])
         self.opt.load_state_dict(state["opt"])
         self.steps_done = int(state["steps_done"])
         self.generator.set_state(state["generator"])

@@ -32,6 +32,7 @@ network forward passes are added to ``target.usage.network_evals`` (configuratio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -129,6 +130,10 @@ class Config(MethodConfig):
     normalize: bool = False  # work in x / target.length_scale (GMM-40)
     estimator_chunk_rows: int = 131_072  # max perturbed configurations per energy call
     sample_chunk: int = 1024  # max rows per reverse-SDE integration
+    # EMA of the score network, updated every optimiser step; when set, the EMA network drives the model's
+    # reverse SDE (buffer refreshes and ``sample``). DEM's ``use_ema`` (EMAWrapper, decay 0.999) is off in
+    # every published iDEM experiment (None here); BNEM's iDEM fork samples with an EMA model.
+    ema_decay: float | None = None
 
     # Source: jarridrb/DEM configs/experiment/{gmm,dw4,lj13,lj55}_idem.yaml over configs/model/dem.yaml
     # (HEAD 8e95319; see ../shared/reference/idem-reference-code.md §4).
@@ -242,6 +247,8 @@ class Config(MethodConfig):
         for k in positive:
             if getattr(self, k) < 1:
                 raise ValueError(f"iDEM Config.{k} must be >= 1, got {getattr(self, k)}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"iDEM Config.ema_decay must be in [0, 1) or None, got {self.ema_decay}")
         for k in ("init_sde_steps", "init_mc_samples"):
             v = getattr(self, k)
             if v is not None and v < 1:
@@ -295,6 +302,7 @@ class IDEM(Method):
             else:
                 net = TimeMLP(self.dim, hidden=c.hidden, n_blocks=c.n_layers)
         self.net = net.to(self.device)
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if c.ema_decay is not None else None
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         self.buffer = ReplayBuffer(self.dim, c.buffer_max_length, self.device)
         self.step = 0
@@ -339,6 +347,19 @@ class IDEM(Method):
         self._count_net(x.shape[0])
         return self.net(t, x)
 
+    def _sampler_score(self, t: Tensor, x: Tensor) -> Tensor:
+        """Score of the model's reverse SDE: the EMA network when ``ema_decay`` is set, else the network."""
+        self._count_net(x.shape[0])
+        return (self.ema_net if self.ema_net is not None else self.net)(t, x)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_net is None:
+            return
+        beta = self.config.ema_decay
+        for pe, p in zip(self.ema_net.parameters(), self.net.parameters()):
+            pe.lerp_(p.detach(), 1.0 - beta)
+
     def _generate(self, n: int, score: Callable[[Tensor, Tensor], Tensor], n_steps: int) -> Tensor:
         """n reverse-SDE samples (working coordinates) from the prior, in chunks of ``sample_chunk``."""
         c = self.config
@@ -361,7 +382,7 @@ class IDEM(Method):
     def _model_samples(self, n: int) -> Tensor:
         self.net.eval()
         with torch.no_grad():
-            x = self._generate(n, self._net_score, self.config.sde_steps)
+            x = self._generate(n, self._sampler_score, self.config.sde_steps)
         self.net.train()
         return x
 
@@ -414,6 +435,7 @@ class IDEM(Method):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), c.grad_clip)
         self.optimizer.step()
+        self._update_ema()
         self.step += 1
         logs = {
             "loss": float(loss.detach()),
@@ -443,10 +465,13 @@ class IDEM(Method):
             "step": self.step,
             "initialised": self.initialised,
             "generator": self.generator.get_state(),
+            **({"ema_net": self.ema_net.state_dict()} if self.ema_net is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
+        if self.ema_net is not None:
+            self.ema_net.load_state_dict(state["ema_net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer.load_state_dict(state["buffer"])
         self.step = int(state["step"])
