@@ -69,6 +69,22 @@ def clip_per_sample(v: Tensor, max_norm: float | None) -> Tensor:
     return v * torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
+def clip_denoised(y: Tensor, score: Tensor, h: Tensor, bound: float) -> Tensor:
+    """Score whose Tweedie denoiser E[x_0 | x_t = y] = y + h·score lies in the box [−bound, bound]^dim.
+
+    y, score [B, dim]; h [B] (σ_t², > 0). Rows whose denoiser already lies in the box are returned unchanged
+    (bit for bit); the others get score = (clamp(y + h·score) − y) / h. Shrinks both the norm and the outward
+    component of a spurious score far from the data (the x₀-clipping of image diffusion samplers).
+    """
+    if not bound > 0:
+        raise ValueError(f"denoiser clip bound must be > 0, got {bound}")
+    hh = h.to(y.dtype).reshape(-1, 1)
+    x0 = y + hh * score
+    outside = (x0.abs() > bound).any(-1, keepdim=True)
+    clipped = (x0.clamp(-bound, bound) - y) / hh
+    return torch.where(outside, clipped, score)
+
+
 def energy_and_score(
     net: nn.Module, t: Tensor | float, x: Tensor, create_graph: bool = False, max_norm: float | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from methods.base import Method, MethodConfig
 from methods.buffer import ReplayBuffer
-from methods.energy_net import EGNNEnergy, MLPEnergy, energy_and_score
+from methods.energy_net import EGNNEnergy, MLPEnergy, clip_denoised, clip_per_sample, energy_and_score
 from methods.noise import GeometricNoiseSchedule
 from methods.registry import METHODS
 from methods.sde import GaussianPrior, MeanFreeGaussianPrior, integrate_reverse_sde
@@ -280,6 +280,10 @@ class NEMConfig(MethodConfig):
     max_score_norm: float = 1000.0
     sample_chunk: int = 2048
     eval_from_ema: bool = False  # sample() from the EMA network (the code's test path uses the raw network)
+    #: sampler only (None: off, as published): clamp the Tweedie denoiser y + σ_t²·score of the learned score
+    #: to the box [−c, c]^dim (model coordinates) before the norm clip. 1.0 for GMM-40 = the data
+    #: normalisation range ±50, the box the published integrate_sde has a (commented-out) clamp of x to.
+    denoiser_clip: float | None = None
     #: generated samples with a training energy above this are not added to the buffer (None: keep all). The
     #: published GMM (fab-torch) sets log p = −inf where log p < −1e4, where NEM's targets are undefined.
     buffer_max_energy: float | None = None
@@ -420,6 +424,8 @@ class NEM(Method):
         for k in ("n_mc", "batch_size", "steps_per_epoch", "n_init", "n_new_per_epoch", "sde_steps"):
             if getattr(c, k) < 1:
                 raise ValueError(f"{type(c).__name__}.{k} must be >= 1, got {getattr(c, k)}")
+        if c.denoiser_clip is not None and not c.denoiser_clip > 0:
+            raise ValueError(f"denoiser_clip must be None or > 0, got {c.denoiser_clip}")
         self.scale = float(target.length_scale)
         self.dim = int(target.dim)
         self.schedule = GeometricNoiseSchedule(c.sigma_min, c.sigma_max)
@@ -492,9 +498,15 @@ class NEM(Method):
         return net(t, y)
 
     def score_fn(self, net: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        c = self.config
+
         def score(t: Tensor, y: Tensor) -> Tensor:
             self._count_net(y.shape[0])
-            return energy_and_score(net, t, y, create_graph=False, max_norm=self.config.max_score_norm)[1]
+            if c.denoiser_clip is None:
+                return energy_and_score(net, t, y, create_graph=False, max_norm=c.max_score_norm)[1]
+            s = energy_and_score(net, t, y, create_graph=False)[1]
+            s = clip_denoised(y, s, self.schedule.h(t), c.denoiser_clip)
+            return clip_per_sample(s, c.max_score_norm)
 
         return score
 

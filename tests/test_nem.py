@@ -358,3 +358,55 @@ def test_buffer_max_energy_filters_generated_samples():
     for _ in range(m2.config.steps_per_epoch):
         m2.train_step()
     assert len(m2.buffer) == n0 + m2.config.n_new_per_epoch
+
+
+# ------------------------------------------------------------------ denoiser clip (sampler option, issue 5)
+def test_denoiser_clip_is_a_no_op_on_exact_scores_of_a_target_inside_the_box():
+    """Tweedie: for p = mixture of point masses at μ_k ∈ [−0.8, 0.8]², the noised score is (Σ w_k μ_k − y)/h,
+    whose denoiser Σ w_k μ_k lies in the box — the clip must leave it unchanged, at every noise level."""
+    from methods.energy_net import clip_denoised
+
+    g = torch.Generator().manual_seed(0)
+    mu = (torch.rand(40, 2, generator=g, dtype=torch.float64) - 0.5) * 1.6
+    y = torch.randn(500, 2, generator=g, dtype=torch.float64) * 3
+    for h in (1e-6, 1e-2, 1.0):
+        w = torch.softmax(-0.5 * ((y.unsqueeze(1) - mu) ** 2).sum(-1) / h, -1)
+        score = (w @ mu - y) / h
+        assert torch.equal(clip_denoised(y, score, torch.full((500,), h, dtype=torch.float64), 1.0), score)
+
+
+def test_denoiser_clip_projects_spurious_scores_into_the_box():
+    from methods.energy_net import clip_denoised
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(300, 2, generator=g) * 2
+    h = torch.rand(300, generator=g) + 0.01
+    bad = 40.0 * y  # outward-pointing (energy decreasing away from the data)
+    s = clip_denoised(y, bad, h, 1.0)
+    x0 = y + h.unsqueeze(-1) * s
+    assert (x0.abs() <= 1.0 + 1e-5).all()
+    outside = y.abs() > 1.0
+    assert outside.any() and ((s * y)[outside] < 0).all()  # coordinates beyond the box are pulled inwards
+    with pytest.raises(ValueError, match="> 0"):
+        clip_denoised(y, bad, h, 0.0)
+
+
+class _Repulsive(torch.nn.Module):
+    """E(y, t) = −20 |y|²: a spurious learned energy whose score pushes samples outwards."""
+
+    def forward(self, t, y):
+        return -20.0 * (y**2).sum(-1)
+
+
+def test_denoiser_clip_keeps_the_gmm_sampler_in_the_data_box():
+    """With a repulsive network the reverse SDE throws samples far out; with the clip they end in the box
+    (plus the last steps' small noise)."""
+    outs = {}
+    for dc in (None, 1.0):
+        m, ct = _make(NEM, "gmm40", sde_steps=100, denoiser_clip=dc)
+        m.net = _Repulsive()
+        outs[dc] = m.sample(200) / ct.length_scale
+    assert outs[None].abs().max() > 10.0
+    assert outs[1.0].abs().max() < 1.1
+    with pytest.raises(ValueError, match="denoiser_clip"):
+        _make(NEM, "gmm40", denoiser_clip=-1.0)
