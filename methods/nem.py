@@ -280,6 +280,7 @@ class NEMConfig(MethodConfig):
     max_score_norm: float = 1000.0
     sample_chunk: int = 2048
     eval_from_ema: bool = False  # sample() from the EMA network (the code's test path uses the raw network)
+    eval_sde_steps: int | None = None  # SDE grid of sample() (evaluation); None: sde_steps (as published)
     #: sampler only (None: off, as published): clamp the Tweedie denoiser y + σ_t²·score of the learned score
     #: to the box [−c, c]^dim (model coordinates) before the norm clip. 1.0 for GMM-40 = the data
     #: normalisation range ±50, the box the published integrate_sde has a (commented-out) clamp of x to.
@@ -321,12 +322,24 @@ class NEMConfig(MethodConfig):
                 buffer_size=256,
             ),
         },
-        # GMM-40 / DW-4 numbers on a (shared) 2-core CPU in well under an hour per cell. GMM-40: half batch
-        # and the paper-time (2024) sampler score clip (clipper_gen NEM 50 / BNEM 70; HEAD 1000 let the raw
-        # network's samples explode in our short runs, see docs/nem.md). DW-4: a small EGNN, K = 100, batch
-        # 128, a 100-step SDE grid (published 1000) and a faster EMA (0.8 per epoch)
+        # GMM-40 / DW-4 numbers on a 2-core CPU in well under an hour per cell. GMM-40 (issue 5, docs/nem.md):
+        # half batch; the paper-time (2024) sampler score clip (clipper_gen NEM 50 / BNEM 70; HEAD 1000);
+        # buffer_max_energy 1e4 (fab-torch's log p = −inf region). Departures that remove the far-out samples
+        # (K = 100 MC targets are biased upwards by 10²–10³ at |x| ≳ 75 for t ≳ 0.85, the network learns that
+        # wall and one Euler step near t = 1 (g²dt = 0.18) throws samples hundreds of units out):
+        # denoiser_clip 1.0 (Tweedie denoiser kept in the ±50 data box), evaluation from the EMA network
+        # (the buffer's sampler; the raw network's last steps are noisy) on the paper-time 1000-step grid
+        # (training buffer: HEAD's 100 steps). DW-4: a small EGNN, K = 100, batch 128, a 100-step SDE grid
+        # (published 1000) and a faster EMA (0.8 per epoch)
         "cpu": {
-            "gmm40": dict(batch_size=256, max_score_norm=50.0, buffer_max_energy=1e4),
+            "gmm40": dict(
+                batch_size=256,
+                max_score_norm=50.0,
+                buffer_max_energy=1e4,
+                denoiser_clip=1.0,
+                eval_from_ema=True,
+                eval_sde_steps=1000,
+            ),
             "dw4": dict(
                 batch_size=128, ema_beta=0.8, n_mc=100, hidden=32, sde_steps=100, n_new_per_epoch=256
             ),
@@ -334,7 +347,12 @@ class NEMConfig(MethodConfig):
     }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"*": dict(steps=6)},
-        "cpu": {"gmm40": dict(steps=3000, wall_seconds=2400.0), "dw4": dict(steps=1500, wall_seconds=2400.0)},
+        # cpu: GMM-40 20k steps (~0.03 s/step NEM, 1 thread, quiet machine: ~10-15 min per cell; the paper's
+        # 100k would be ~1 h), BNEM switches at 10k (half, as the paper grid); wall cap 40 min
+        "cpu": {
+            "gmm40": dict(steps=20_000, wall_seconds=2400.0),
+            "dw4": dict(steps=1500, wall_seconds=2400.0),
+        },
         # published: at most 1000 epochs x 100 steps (LJ-55: 2000 epochs), early-stopped on val energy W2
         "paper": {"*": dict(steps=100_000), "lj55": dict(steps=200_000)},
     }
@@ -377,7 +395,9 @@ class BNEMConfig(NEMConfig):
     PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"*": dict(NEMConfig.PRESETS["smoke"]["*"], n_mc=8, bootstrap_mc=4, bootstrap_start_step=3)},
         "cpu": {
-            "gmm40": dict(NEMConfig.PRESETS["cpu"]["gmm40"], max_score_norm=70.0, bootstrap_start_step=1500),
+            "gmm40": dict(
+                NEMConfig.PRESETS["cpu"]["gmm40"], max_score_norm=70.0, bootstrap_start_step=10_000
+            ),
             "dw4": dict(NEMConfig.PRESETS["cpu"]["dw4"], bootstrap_start_step=750),
         },
     }
@@ -424,6 +444,8 @@ class NEM(Method):
         for k in ("n_mc", "batch_size", "steps_per_epoch", "n_init", "n_new_per_epoch", "sde_steps"):
             if getattr(c, k) < 1:
                 raise ValueError(f"{type(c).__name__}.{k} must be >= 1, got {getattr(c, k)}")
+        if c.eval_sde_steps is not None and c.eval_sde_steps < 1:
+            raise ValueError(f"eval_sde_steps must be None or >= 1, got {c.eval_sde_steps}")
         if c.denoiser_clip is not None and not c.denoiser_clip > 0:
             raise ValueError(f"denoiser_clip must be None or > 0, got {c.denoiser_clip}")
         self.scale = float(target.length_scale)
@@ -510,15 +532,15 @@ class NEM(Method):
 
         return score
 
-    def _generate(self, net: nn.Module, n: int) -> Tensor:
-        """n model-space samples from the reverse SDE driven by −∇E_net."""
+    def _generate(self, net: nn.Module, n: int, n_steps: int | None = None) -> Tensor:
+        """n model-space samples from the reverse SDE driven by −∇E_net (``n_steps``: default sde_steps)."""
         c = self.config
         y1 = self.prior.sample(n, self.generator)
         return integrate_reverse_sde(
             self.score_fn(net),
             y1,
             self.schedule,
-            c.sde_steps,
+            c.sde_steps if n_steps is None else n_steps,
             c.diffusion_scale,
             self.generator,
             self.center if self.particles else None,
@@ -586,11 +608,12 @@ class NEM(Method):
     # ------------------------------------------------------------------ sampling and state
     def sample(self, n: int) -> Tensor:
         """n samples [n, dim] in target coordinates from the reverse SDE of the raw network (the code's test
-        path) or, with ``eval_from_ema``, of the EMA network."""
+        path) or, with ``eval_from_ema``, of the EMA network; on the ``eval_sde_steps`` grid if set."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.net.eval()
-        y = self._generate(self.ema.model if self.config.eval_from_ema else self.net, n)
+        c = self.config
+        y = self._generate(self.ema.model if c.eval_from_ema else self.net, n, c.eval_sde_steps)
         return (y * self.scale).detach()
 
     def diagnostics(self) -> dict[str, float]:

@@ -410,3 +410,28 @@ def test_denoiser_clip_keeps_the_gmm_sampler_in_the_data_box():
     assert outs[1.0].abs().max() < 1.1
     with pytest.raises(ValueError, match="denoiser_clip"):
         _make(NEM, "gmm40", denoiser_clip=-1.0)
+
+
+def test_eval_grid_and_ema_options_of_sample():
+    """sample() integrates on eval_sde_steps (one network evaluation per sample and step) from the EMA net
+    when eval_from_ema; the training buffer keeps sde_steps."""
+    m, ct = _make(NEM, "gmm40", sde_steps=5, eval_sde_steps=7)
+    n0 = ct.usage.network_evals
+    m.sample(11)
+    assert ct.usage.network_evals - n0 == 11 * 7
+    n0 = ct.usage.network_evals
+    m._end_epoch()
+    assert ct.usage.network_evals - n0 == m.config.n_new_per_epoch * 5
+    a, _ = _make(NEM, "gmm40", eval_from_ema=True)
+    with torch.no_grad():
+        for p in a.net.parameters():
+            p.add_(1.0)  # raw net now differs from its EMA copy
+    st = a.generator.get_state()
+    x = a.sample(5)
+    outs = []
+    for net in (a.ema.model, a.net):
+        a.generator.set_state(st)
+        outs.append(a._generate(net, 5) * a.scale)
+    assert torch.equal(x, outs[0]) and not torch.equal(x, outs[1])
+    with pytest.raises(ValueError, match="eval_sde_steps"):
+        _make(NEM, "gmm40", eval_sde_steps=0)
