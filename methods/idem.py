@@ -220,7 +220,7 @@ class Config(MethodConfig):
                 init_sde_steps=100,
                 num_samples_per_epoch=500,
                 # sample with an EMA of the network (DEM has an EMAWrapper, off in the paper config): the raw
-                # network's GMM-40 samples swing between x-W2 9.4 and 13 from one epoch to the next at
+                # network's GMM-40 samples swing between x-W2 9.0 and 15.6 from one epoch to the next at
                 # 20k-40k steps; an EMA over ~5000 steps settles them (0.999: 5.7-9.3; docs/idem.md)
                 ema_decay=0.9998,
             ),
