@@ -347,11 +347,12 @@ class NEMConfig(MethodConfig):
     }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"*": dict(steps=6)},
-        # cpu: GMM-40 20k steps (~0.03 s/step NEM, 1 thread, quiet machine: ~10-15 min per cell; the paper's
-        # 100k would be ~1 h), BNEM switches at 10k (half, as the paper grid); wall cap 40 min
+        # cpu (1 thread, quiet CPU, docs/nem.md): GMM-40 20k steps (~0.03 s/step NEM, 0.06 BNEM stage 1:
+        # 10-12 min per cell; the paper's 100k would be ~1 h); DW-4 10k steps (0.025 / 0.05 s/step: 4-7 min;
+        # x-W2 / E-W2 were still falling at 1500 steps). BNEM switches at half (as the paper grid); cap 40 min
         "cpu": {
             "gmm40": dict(steps=20_000, wall_seconds=2400.0),
-            "dw4": dict(steps=1500, wall_seconds=2400.0),
+            "dw4": dict(steps=10_000, wall_seconds=2400.0),
         },
         # published: at most 1000 epochs x 100 steps (LJ-55: 2000 epochs), early-stopped on val energy W2
         "paper": {"*": dict(steps=100_000), "lj55": dict(steps=200_000)},
@@ -398,7 +399,7 @@ class BNEMConfig(NEMConfig):
             "gmm40": dict(
                 NEMConfig.PRESETS["cpu"]["gmm40"], max_score_norm=70.0, bootstrap_start_step=10_000
             ),
-            "dw4": dict(NEMConfig.PRESETS["cpu"]["dw4"], bootstrap_start_step=750),
+            "dw4": dict(NEMConfig.PRESETS["cpu"]["dw4"], bootstrap_start_step=5000),
         },
     }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = NEMConfig.BUDGETS
