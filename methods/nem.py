@@ -19,6 +19,10 @@ s ~ U(interval k − 1) and samples that pass the published acceptance test get 
                  + Σ_{K−M resampled} exp(−E(x_t + σ_t ε_k)) ]
 from the stop-gradient EMA teacher θ̄ mixed with K − M exact-energy terms; the others keep the NEM target.
 
+Sampler options (off by default, as published; the GMM-40 ``cpu`` preset uses them, docs/nem.md "Issue 5"):
+``denoiser_clip`` clamps the Tweedie denoiser y + σ_t²·score to a box before the norm clip;
+``eval_from_ema`` / ``eval_sde_steps`` choose the network and SDE grid of ``sample`` (evaluation).
+
 Counting: every target energy goes through ``target.energy`` (B·K per step for NEM, 2·B·K in the BNEM stage
 for the acceptance test, plus the buffer insertions); NEM never asks for target gradients. Network forward
 passes (student, teacher, sampler) are added to ``target.usage.network_evals`` (one per configuration).
@@ -325,7 +329,7 @@ class NEMConfig(MethodConfig):
         # GMM-40 / DW-4 numbers on a 2-core CPU in well under an hour per cell. GMM-40 (issue 5, docs/nem.md):
         # half batch; the paper-time (2024) sampler score clip (clipper_gen NEM 50 / BNEM 70; HEAD 1000);
         # buffer_max_energy 1e4 (fab-torch's log p = −inf region). Departures that remove the far-out samples
-        # (K = 100 MC targets are biased upwards by 10²–10³ at |x| ≳ 75 for t ≳ 0.85, the network learns that
+        # (K = 100 MC targets are biased upwards by 10²–10³ at |x| ≳ 100 for t ≳ 0.85, the network learns that
         # wall and one Euler step near t = 1 (g²dt = 0.18) throws samples hundreds of units out):
         # denoiser_clip 1.0 (Tweedie denoiser kept in the ±50 data box), evaluation from the EMA network
         # (the buffer's sampler; the raw network's last steps are noisy) on the paper-time 1000-step grid
