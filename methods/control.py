@@ -36,7 +36,6 @@ autograd function, so every target evaluation is counted once (energy + gradient
 
 from __future__ import annotations
 
-import copy
 import math
 from abc import abstractmethod
 from collections.abc import Callable
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Method, MethodConfig
+from methods.ema import EMA
 from methods.nets import EGNN, FourierTimeEmbedding, TimeMLP
 
 ControlFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # u(t [B], y [B, dim], score [B, dim]) -> [B, dim]
@@ -445,7 +445,8 @@ class ControlledDiffusionSampler(Method):
         self.net.to(device=self.device, dtype=self.dtype)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the sampling network: an EMA copy of the control network, or the network itself
-        self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if cfg.ema_decay is not None else None
+        self.ema = EMA(self.net, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.ema_net = self.ema.model if self.ema is not None else None
         self.steps_done = 0
         self._last_log_w: Tensor | None = None
 
@@ -475,15 +476,6 @@ class ControlledDiffusionSampler(Method):
             return cfg.lr
         return cfg.lr * cfg.lr_final_factor ** (min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps)
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema_net is None:
-            return
-        beta = self.config.ema_decay
-        for pe, p in zip(self.ema_net.parameters(), self.net.parameters()):
-            pe.lerp_(p.detach(), 1.0 - beta)
-        for be, b in zip(self.ema_net.buffers(), self.net.buffers()):
-            be.copy_(b)
 
     # -- Method interface
     def train_step(self) -> dict[str, float]:
@@ -508,7 +500,8 @@ class ControlledDiffusionSampler(Method):
             for group in self.opt.param_groups:
                 group["lr"] = lr
             self.opt.step()
-            self._update_ema()
+            if self.ema is not None:
+                self.ema.update(self.net)
         self.steps_done += 1
         with torch.no_grad():
             log_w = log_weights(path, term.detach())

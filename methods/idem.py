@@ -32,7 +32,6 @@ network forward passes are added to ``target.usage.network_evals`` (configuratio
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -42,6 +41,7 @@ from torch import Tensor
 
 from methods.base import Method, MethodConfig
 from methods.buffer import ReplayBuffer
+from methods.ema import EMA
 from methods.nets import EGNN, TimeMLP
 from methods.noise import GeometricNoiseSchedule
 from methods.registry import METHODS
@@ -307,7 +307,8 @@ class IDEM(Method):
             else:
                 net = TimeMLP(self.dim, hidden=c.hidden, n_blocks=c.n_layers)
         self.net = net.to(self.device)
-        self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if c.ema_decay is not None else None
+        self.ema = EMA(self.net, c.ema_decay) if c.ema_decay is not None else None
+        self.ema_net = self.ema.model if self.ema is not None else None
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         self.buffer = ReplayBuffer(self.dim, c.buffer_max_length, self.device)
         self.step = 0
@@ -356,14 +357,6 @@ class IDEM(Method):
         """Score of the model's reverse SDE: the EMA network when ``ema_decay`` is set, else the network."""
         self._count_net(x.shape[0])
         return (self.ema_net if self.ema_net is not None else self.net)(t, x)
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema_net is None:
-            return
-        beta = self.config.ema_decay
-        for pe, p in zip(self.ema_net.parameters(), self.net.parameters()):
-            pe.lerp_(p.detach(), 1.0 - beta)
 
     def _generate(self, n: int, score: Callable[[Tensor, Tensor], Tensor], n_steps: int) -> Tensor:
         """n reverse-SDE samples (working coordinates) from the prior, in chunks of ``sample_chunk``."""
@@ -440,7 +433,8 @@ class IDEM(Method):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), c.grad_clip)
         self.optimizer.step()
-        self._update_ema()
+        if self.ema is not None:
+            self.ema.update(self.net)
         self.step += 1
         logs = {
             "loss": float(loss.detach()),

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from methods.base import Method, MethodConfig
 from methods.buffer import ReplayBuffer
+from methods.ema import EMA
 from methods.energy_net import EGNNEnergy, MLPEnergy, clip_denoised, clip_per_sample, energy_and_score
 from methods.noise import GeometricNoiseSchedule
 from methods.registry import METHODS
@@ -410,21 +411,6 @@ class BNEMConfig(NEMConfig):
 
 
 # ============================================================================ the methods
-class _EMA:
-    """Exponential moving average of a network's parameters: ema ← β ema + (1 − β) θ (buffers copied)."""
-
-    def __init__(self, net: nn.Module, beta: float) -> None:
-        self.model = copy.deepcopy(net).requires_grad_(False)
-        self.beta = beta
-
-    @torch.no_grad()
-    def update(self, net: nn.Module) -> None:
-        for pe, p in zip(self.model.parameters(), net.parameters()):
-            pe.mul_(self.beta).add_(p.detach(), alpha=1.0 - self.beta)
-        for be, b in zip(self.model.buffers(), net.buffers()):
-            be.copy_(b)
-
-
 @METHODS.register("nem")
 class NEM(Method):
     """Noised energy matching (with bootstrapping in the subclass ``BNEM``)."""
@@ -462,7 +448,7 @@ class NEM(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             self._build_nets(target, c, dev)
-        self.ema = _EMA(self.net, c.ema_beta)
+        self.ema = EMA(self.net, c.ema_beta)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         self.smoothing: LJSmoothing | None = None
         if c.lj_smooth:
