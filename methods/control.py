@@ -476,7 +476,6 @@ class ControlledDiffusionSampler(Method):
             return cfg.lr
         return cfg.lr * cfg.lr_final_factor ** (min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps)
 
-
     # -- Method interface
     def train_step(self) -> dict[str, float]:
         cfg = self.config
