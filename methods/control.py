@@ -358,13 +358,17 @@ def log_variance_loss(path: PathResult, terminal_cost: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------- method base
 @dataclass(frozen=True)
 class ControlConfig(MethodConfig):
-    """Hyper-parameters shared by PIS and DDS (defaults: the GMM-40 settings)."""
+    """Hyper-parameters shared by PIS and DDS (defaults: the GMM-40 settings of BNEM's `pis_module` /
+    `dds_module`, which produced the published PIS / DDS numbers)."""
 
     n_steps: int = 100  # SDE steps K
-    batch_size: int = 512  # trajectories per optimiser step
+    # trajectories per optimiser step: BNEM's PIS and DDS train on `eval_batch_size` paths, 1000 in its
+    # gmm / dw4 / lj13 experiment configs (DEM's PIS module: 512)
+    batch_size: int = 1000
     lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_norm_clip: float | None = None  # clip of the parameter-gradient norm (None: off)
+    weight_decay: float = 1e-7  # BNEM pis.yaml / dds.yaml (and DEM pis.yaml)
+    # clip of the parameter-gradient norm (None: off): the DEM / BNEM trainer's `gradient_clip_val: 0.5`
+    grad_norm_clip: float | None = 0.5
     # learning rate lr · lr_final_factor^(min(k, lr_decay_steps) / lr_decay_steps) at optimiser step k:
     # a geometric decay to lr_final_factor·lr (juliusberner/sde_sampler decays PIS/DDS to 0.02×, qsh-zh/pis
     # linearly); lr_decay_steps None: constant (the DEM / BNEM PIS and DDS modules)
@@ -378,8 +382,8 @@ class ControlConfig(MethodConfig):
     hidden: int = 128
     n_layers: int = 3  # TimeMLP residual blocks / EGNN layers
     emb_size: int = 128  # TimeMLP sinusoidal embedding size
-    time_channels: int = 64
-    time_layers: int = 3
+    time_channels: int = 32  # NN₂ width / depth: BNEM TimeConder(channel 32, num_layers 2) (DEM PIS: 64, 3)
+    time_layers: int = 2
     nn_clip: float | None = 1e4
     score_clip: float | None = 1e4
     score_clip_mode: Literal["value", "norm"] = "value"

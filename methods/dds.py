@@ -27,8 +27,10 @@ _PARTICLE = {"network": "egnn", "hidden": 128}
 @dataclass(frozen=True)
 class DDSConfig(ControlConfig):
     """DDS hyper-parameters. Defaults = GMM-40: 128 steps and the cos⁴ scheme with Σβ² = 6.4 (Vargas et al.
-    T = 6.4, dt = 0.05); prior σ = 1 (working coordinates); BNEM `dds.yaml`: Adam lr 1e-3, target score
-    (norm) clipped at 100, 512 trajectories per step (its eval/sampling batch is 1024); TimeMLP 3 × 128."""
+    T = 6.4, dt = 0.05); prior σ = 1 (working coordinates); BNEM `dds.yaml` / `gmm_idem.yaml`: Adam lr 1e-3,
+    weight decay 1e-7, target score (norm) clipped at 100, 1000 trajectories per step (its `eval_batch_size`),
+    TimeMLP 3 × 128, TimeConder 32 × 2; the trainer clips the gradient norm at 0.5 (the shared
+    ControlConfig defaults)."""
 
     n_steps: int = 128
     prior_std: float = 1.0  # σ of the reference / prior, working coordinates

@@ -3,7 +3,9 @@
 Acceptance (issue 6): BNEM-protocol x-W2 (exact OT with Euclidean cost, raw coordinates, 1000 vs 1000) ≤ 8 for
 PIS and ≤ 14 for DDS (BNEM poster: PIS 5.806, DDS 11.69). The log Z error (true log Z = 0: the GMM-40
 density is normalised) is asserted to be finite and reported in the test output; see docs/pis_dds.md for the
-measured values. Each test trains for the `cpu` budget (2000 steps): tens of minutes on a 2-core CPU.
+measured values. The x-W2 asserted is the mean over three batches of 1000 samples, each against its own
+1000-row slice of the test reference (one batch alone moves by ±0.5). Each test trains for the `cpu` budget
+(PIS 4000 steps, DDS 2000): 15–40 minutes each on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def bnem_gmm_x_w2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((G * M).sum())
 
 
-def train_cpu_cell(method: str, seed: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+def train_cpu_cell(method: str, seed: int = 0) -> tuple[list[torch.Tensor], dict[str, float]]:
     torch.set_num_threads(1)
     M = METHODS.get(method)
     ct = CountingTarget(targets.get("gmm40"))
@@ -34,22 +36,19 @@ def train_cpu_cell(method: str, seed: int = 0) -> tuple[torch.Tensor, dict[str, 
     for _ in range(M.Config.suggested_budget("cpu", "gmm40")["steps"]):
         out = m.train_step()
         assert np.isfinite(out["loss"]), out
-    x = m.sample(1000)
-    return x, m.diagnostics()
+    xs = [m.sample(1000) for _ in range(3)]
+    return xs, m.diagnostics()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "bound"), [("pis", 8.0), ("dds", 14.0)])
 def test_gmm40_bnem_x_w2(method: str, bound: float) -> None:
-    x, diag = train_cpu_cell(method)
+    xs, diag = train_cpu_cell(method)
     t = targets.get("gmm40")
-    ref = t.reference("test", 1000)
-    try:
-        from harness.metrics import evaluate
-
-        xw = evaluate(x, ref, t, protocol="bnem")["x_w2"]
-    except ImportError:  # metrics module absent: the same definition computed here
-        xw = bnem_gmm_x_w2(x, ref)
-    print(f"{method}: BNEM x-W2 {xw:.3f}, log Z {diag['log_z']:.3f} (true 0), ESS {diag['ess']:.3f}")
+    ref = t.reference("test", 3000)
+    per_batch = [bnem_gmm_x_w2(x, ref[1000 * i : 1000 * (i + 1)]) for i, x in enumerate(xs)]
+    xw = float(np.mean(per_batch))
+    print(f"{method}: BNEM x-W2 {xw:.3f} (batches {', '.join(f'{v:.3f}' for v in per_batch)}), "
+          f"log Z {diag['log_z']:.3f} (true 0, last batch), ESS {diag['ess']:.3f}")
     assert np.isfinite(diag["log_z"])
     assert xw <= bound

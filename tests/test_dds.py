@@ -17,6 +17,9 @@ def test_schedule_and_defaults() -> None:
     M = METHODS.get("dds")
     cfg = M.Config.for_target("gmm40")
     assert (cfg.n_steps, cfg.noise_total, cfg.prior_std, cfg.score_clip) == (128, 6.4, 1.0, 100.0)
+    # BNEM dds.yaml / gmm_idem.yaml / trainer: batch 1000, wd 1e-7, TimeConder(32, 1, 2), grad clip 0.5
+    assert (cfg.batch_size, cfg.weight_decay, cfg.time_channels, cfg.time_layers, cfg.grad_norm_clip) == (
+        1000, 1e-7, 32, 2, 0.5)
     m = M(CountingTarget(targets.get("dw4")), M.Config.for_target("dw4", hidden=8, n_layers=1, batch_size=2),
           "cpu", torch.Generator().manual_seed(0))
     b2 = m.coef.c / m.config.prior_std**2
