@@ -1,10 +1,11 @@
 """PIS — Path Integral Sampler (Zhang & Chen, ICLR 2022).
 
-Brownian reference started at 0, dY = g u dt + g dW on [0, T] with g² = 0.2, T = 5 (the original code's
-`configs/model/base.yaml`: g = √0.2, dt = 0.05, 100 Euler–Maruyama steps), so the reference terminal law is
-N(0, g²T) = N(0, I) in working coordinates — the same process as DEM's / BNEM's `pis_scale 1, time_range 1`
-after a change of time variable. Working coordinates are x / target.length_scale (GMM-40: x / 50, as the
-iDEM / BNEM code normalises the GMM), so the reference covers the GMM box. Network time input: t / T ∈ [0, 1].
+Brownian reference started at 0, dY = g u dt + g dW on [0, T]. Default g² = 1, T = 1 with 100 Euler–Maruyama
+steps (dt = 0.01), as DEM's / BNEM's `pis_scale 1, time_range 1` (the code behind the published numbers); the
+original PIS code's g² = 0.2, T = 5 (`configs/model/base.yaml`) is the same process after a time change and is
+available as ``diffusion_sq=0.2, horizon=5``. The reference terminal law is N(0, g²T) = N(0, I) in working
+coordinates, x / target.length_scale (GMM-40: x / 50, as the iDEM / BNEM code normalises the GMM), so it
+covers the GMM box. Network time input: t / T ∈ [0, 1].
 
 Loss: reverse KL through the discretised SDE (running cost ½|u|² dt + terminal cost log N(y_T; 0, g²T) −
 log p̃(y_T)), or the log-variance loss (``loss="lv"``). See ``methods.control`` for the exact discrete-time
