@@ -496,15 +496,20 @@ class ControlledDiffusionSampler(Method):
         out = {"loss": float(loss.detach())}
         if torch.isfinite(loss):
             loss.backward()
+            finite_grad = True
             if cfg.grad_norm_clip is not None:
                 gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_norm_clip)
                 out["grad_norm"] = float(gn)
-            lr = self.learning_rate(self.steps_done)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            self.opt.step()
-            if self.ema is not None:
-                self.ema.update(self.net)
+                # an overflowing gradient (e.g. LJ forces at overlapping particles) would turn the clipped
+                # gradient into NaN: report it (the harness marks the run diverged) and skip the step
+                finite_grad = math.isfinite(out["grad_norm"])
+            if finite_grad:
+                lr = self.learning_rate(self.steps_done)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.opt.step()
+                if self.ema is not None:
+                    self.ema.update(self.net)
         self.steps_done += 1
         with torch.no_grad():
             log_w = log_weights(path, term.detach())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -125,6 +126,23 @@ def test_non_finite_loss_is_reported_not_hidden(method: str) -> None:
     out = m.train_step()
     assert out["loss"] != out["loss"]  # NaN surfaces in the dict the harness checks
     assert m.parameters_finite()  # no optimiser step on a non-finite loss
+
+
+@pytest.mark.parametrize("method", ["pis", "dds"])
+def test_non_finite_gradient_is_reported_and_not_applied(method: str) -> None:
+    """Finite loss, overflowing parameter gradient (as LJ forces at overlapping particles give): the gradient
+    norm is reported non-finite (the harness marks the run diverged) and no optimiser step is taken."""
+    M = METHODS.get(method)
+    m = M(CountingTarget(targets.get("gmm40")), M.Config.for_target("gmm40", **SMOKE), "cpu",
+          torch.Generator().manual_seed(0))
+    assert m.config.grad_norm_clip is not None
+    first = next(m.net.parameters())
+    first.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in m.net.parameters()]
+    out = m.train_step()
+    assert math.isfinite(out["loss"]) and not math.isfinite(out["grad_norm"])
+    assert m.parameters_finite()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.net.parameters()))
 
 
 @pytest.mark.parametrize("method", ["pis", "dds"])
