@@ -54,11 +54,43 @@ class MethodConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    #: per-class additions to / replacements of the shared ``FIELD_RANGES`` table (field name -> Range)
+    RANGES: ClassVar[dict[str, Range]] = {}
+
     @classmethod
     def for_target(cls, target_name: str, **overrides: Any) -> MethodConfig:
-        """The published configuration for ``target_name`` with validated overrides applied."""
+        """The published configuration for ``target_name`` with validated overrides applied (types, then
+        value ranges: a ``ValueError`` names the field, the value and the valid range)."""
         base = cls(**cls.PER_TARGET.get(target_name, {}))
-        return base.replace(**overrides) if overrides else base
+        cfg = base.replace(**overrides) if overrides else base
+        cfg.check_ranges()
+        return cfg
+
+    @classmethod
+    def field_range(cls, name: str) -> Range | None:
+        """The valid range of field ``name`` (None: not range-checked)."""
+        return cls.RANGES.get(name, FIELD_RANGES.get(name))
+
+    def check_ranges(self) -> None:
+        """Raise ``ValueError`` if a numeric field lies outside its declared range (``FIELD_RANGES`` and the
+        class's ``RANGES``) or a declared ordered pair (``sigma_min < sigma_max``, ...) is out of order."""
+        qn = _config_name(type(self))
+        for name in self.field_names():
+            r = self.field_range(name)
+            v = getattr(self, name)
+            if r is None or v is None or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
+                continue
+            if not r.contains(v):
+                raise ValueError(f"{_config_name(type(self))}.{name} = {v!r} is out of range; "
+                                 f"valid range: {name} {r.describe()}")
+        names = set(self.field_names())
+        for lo_name, hi_name in ORDERED_PAIRS:
+            if lo_name in names and hi_name in names:
+                lo, hi = getattr(self, lo_name), getattr(self, hi_name)
+                if lo is not None and hi is not None and not lo < hi:
+                    raise ValueError(
+                        f"{qn}: {lo_name} = {lo!r} must be smaller than {hi_name} = {hi!r}"
+                    )
 
     def replace(self, **overrides: Any) -> MethodConfig:
         """``dataclasses.replace`` that rejects unknown keys and wrongly-typed values with a clear error."""
@@ -78,6 +110,88 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A closed or open numeric interval; ``None`` = unbounded on that side."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if v != v:  # NaN is never in range
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "any number"
+
+
+POSITIVE = Range(0.0, lo_open=True)  # rates, scales, clip thresholds, step sizes
+NON_NEGATIVE = Range(0.0)  # weights, counts that may be zero
+AT_LEAST_1 = Range(1)  # sizes, step counts, widths
+PROBABILITY = Range(0.0, 1.0)
+UNIT_OPEN = Range(0.0, 1.0, lo_open=True, hi_open=True)
+DECAY = Range(0.0, 1.0, hi_open=True)  # EMA decays: 1 would freeze the average
+
+#: valid ranges of config fields, by field name, shared by every method (a class may refine them in its
+#: ``RANGES``). Checked by ``MethodConfig.for_target``, i.e. before a grid is submitted.
+FIELD_RANGES: dict[str, Range] = {
+    **dict.fromkeys(
+        (
+            "lr", "sigma_min", "sigma_max", "step_size", "init_scale", "prior_std", "noise_total",
+            "base_scale",
+            "grad_clip", "max_grad", "max_score_norm", "negative_time_dt", "negative_time_clip",
+            "diffusion_scale", "diffusion_sq", "horizon", "warmup_max_step", "nn_clip", "score_clip",
+            "coord_scale", "grad_norm_clip", "w_adjust_max_clip", "boot_sigma_min", "boot_sigma_max",
+            "boot_variance", "lambda_eps", "denoiser_clip", "alpha", "lr_final_factor",
+        ),
+        POSITIVE,
+    ),
+    **dict.fromkeys(
+        ("weight_decay", "t0_weight", "negative_time_steps", "warmup_levels", "bootstrap_start_step",
+         "buffer_min", "n_intermediate", "burnin_steps"),
+        NON_NEGATIVE,
+    ),
+    **dict.fromkeys(
+        (
+            "n_steps", "batch_size", "hidden", "n_layers", "emb_size", "time_channels", "time_layers",
+            "n_diag_samples", "sample_chunk", "num_mc_samples", "steps_per_epoch", "num_samples_per_epoch",
+            "num_init_samples", "init_sde_steps", "init_mc_samples", "buffer_max_length", "sde_steps",
+            "estimator_chunk_rows", "n_chains", "steps_per_train_step", "warmup_steps_per_level",
+            "trace_chains", "trace_length", "n_temps", "n_replicas", "swap_every", "n_mc", "mc_chunk",
+            "n_init", "n_new_per_epoch", "buffer_size", "eval_sde_steps", "bootstrap_mc", "n_inner",
+            "cnf_steps", "buffer_max", "n_updates_per_ais", "diag_samples", "lr_decay_steps",
+        ),
+        AT_LEAST_1,
+    ),
+    "t_max": Range(1.0),  # the hottest replica's temperature (T = 1 is the target)
+    "target_accept": UNIT_OPEN,
+    "ema_decay": DECAY,
+    "ema_beta": PROBABILITY,
+}
+
+#: (smaller, larger) field pairs that must be strictly ordered when both are set
+ORDERED_PAIRS: tuple[tuple[str, str], ...] = (
+    ("sigma_min", "sigma_max"), ("boot_sigma_min", "boot_sigma_max"), ("buffer_min", "buffer_max"),
+)
+
+
+def _config_name(cls: type) -> str:
+    """``DDSConfig``, or ``idem Config`` for a class named just ``Config`` (error messages)."""
+    qn = cls.__qualname__
+    return f"{cls.__module__.rsplit('.', 1)[-1]} {qn}" if qn == "Config" else qn
 
 
 def _hint_name(h: Any) -> str:

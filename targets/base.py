@@ -4,6 +4,10 @@ Conventions (see docs/architecture.md):
 - ``energy`` returns E(x) (never a log-density); ``log_prob`` = −E.
 - Samples are flat ``[batch, dim]`` tensors; particle targets also expose ``[batch, n, d]`` views.
 - Every public entry point validates its input and raises ``ValueError`` naming what is wrong.
+- The public entry points (``energy``, ``energy_and_grad``, ``log_prob``, ``score``, ``laplacian``,
+  ``interatomic_distances``) accept a torch tensor *or* a NumPy array: NumPy in, NumPy out (float64 unless
+  the input is float32; integer arrays are converted to float64), and a single configuration ``[dim]`` as
+  NumPy gives a scalar energy / a ``[dim]`` gradient.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,7 +41,8 @@ class Target(ABC):
         """Validate a batch of configurations: a floating tensor of shape [B, dim], finite."""
         if not isinstance(x, Tensor):
             raise ValueError(
-                f"{self.name}: expected a torch.Tensor of shape [batch, {self.dim}], got {type(x)}"
+                f"{self.name}: expected a torch.Tensor or NumPy array of shape [batch, {self.dim}], "
+                f"got {type(x)}"
             )
         if x.ndim != 2 or x.shape[-1] != self.dim:
             raise ValueError(
@@ -48,6 +54,29 @@ class Target(ABC):
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteInputError(f"{self.name}: input contains NaN or inf")
         return x
+
+    # ------------------------------------------------------------------ NumPy in, NumPy out
+    def _as_tensor(self, x: Any) -> tuple[Any, str | None]:
+        """(tensor, how to convert the result back): None for tensors, "batch" / "single" for NumPy."""
+        if isinstance(x, Tensor) or not isinstance(x, (np.ndarray, np.generic)):
+            return x, None
+        a = np.asarray(x)
+        if a.dtype.kind in "iub":
+            a = a.astype(np.float64)
+        elif a.dtype.kind != "f":
+            raise ValueError(f"{self.name}: expected a floating-point array, got dtype {a.dtype}")
+        single = a.ndim == 1 and a.shape[0] == self.dim
+        t = torch.from_numpy(np.ascontiguousarray(a[None] if single else a))
+        return t, ("single" if single else "batch")
+
+    @staticmethod
+    def _back(y: Any, how: str | None) -> Any:
+        if how is None:
+            return y
+        if isinstance(y, tuple):
+            return tuple(Target._back(v, how) for v in y)
+        a = y.detach().cpu().numpy()
+        return a[0] if how == "single" else a
 
     # ------------------------------------------------------------------ energies
     @abstractmethod
@@ -63,12 +92,18 @@ class Target(ABC):
         return e.detach(), g
 
     def energy(self, x: Tensor) -> Tensor:
-        """E(x): [B, dim] -> [B] (dimensionless, kT = 1). Differentiable if x requires grad."""
+        """E(x): [B, dim] -> [B] (dimensionless, kT = 1). Differentiable if x requires grad. NumPy arrays are
+        accepted too (NumPy result)."""
+        x, how = self._as_tensor(x)
+        if how is not None:
+            with torch.no_grad():
+                return self._back(self._energy(self.check_input(x)), how)
         return self._energy(self.check_input(x))
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(E(x) [B], ∇E(x) [B, dim]), detached from any graph."""
-        return self._energy_and_grad(self.check_input(x))
+        """(E(x) [B], ∇E(x) [B, dim]), detached from any graph (NumPy in, NumPy out)."""
+        x, how = self._as_tensor(x)
+        return self._back(self._energy_and_grad(self.check_input(x)), how)
 
     def _laplacian(self, x: Tensor) -> Tensor:
         """Default: exact trace of the autograd Hessian (dim backward passes). Families override."""
@@ -83,7 +118,8 @@ class Target(ABC):
 
     def laplacian(self, x: Tensor) -> Tensor:
         """ΔE(x) = tr ∇²E(x): [B, dim] -> [B] (for the temperature check β̂ = E[ΔE] / E[|∇E|²])."""
-        return self._laplacian(self.check_input(x))
+        x, how = self._as_tensor(x)
+        return self._back(self._laplacian(self.check_input(x)), how)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Unnormalised log-density −E(x) [B] (GMM-40: normalised)."""
@@ -155,9 +191,10 @@ class ParticleTarget(Target):
         return p[:, i] - p[:, j]
 
     def interatomic_distances(self, x: Tensor) -> Tensor:
-        """|x_i − x_j| for all i<j pairs: [B, n·d] -> [B, n(n−1)/2]."""
+        """|x_i − x_j| for all i<j pairs: [B, n·d] -> [B, n(n−1)/2] (NumPy in, NumPy out)."""
+        x, how = self._as_tensor(x)
         x = self.check_input(x)
-        return self.pair_vectors(x).norm(dim=-1)
+        return self._back(self.pair_vectors(x).norm(dim=-1), how)
 
     def scatter_pair_forces(self, coef: Tensor, diff: Tensor) -> Tensor:
         """Gradient from pair terms: given c_ij = (dφ/dr)/r [B, P] and diff = x_i − x_j [B, P, d],
