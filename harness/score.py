@@ -636,12 +636,18 @@ def add_to_results(
     }
     test = result.blocks[primary]["reference"]["test"]
     reference = {**test, "splits": result.blocks[primary]["reference"]}
+    # where it was *scored*: no host / load / threads, which the timing report would read as where the
+    # sampler ran (its cost, if given, was measured elsewhere)
+    env = environment_info("cpu")
+    external["scored_on"] = {k: env.pop(k, None) for k in ("host", "pid", "loadavg", "torch_threads",
+                                                           "cpu_count")}
+    env["external"] = True
     buf = io.BytesIO()
     np.savez(buf, samples=result.samples[:MAX_SAVED_SAMPLES].astype(np.float32))
     rec = RunRecord(
         spec=spec, status="ok", stop_reason="external samples", usage=usage, evaluations=[entry],
         config={"external": True, "label": name}, reference=reference,
-        environment={**environment_info("cpu"), "external": True},
+        environment=env,
         diagnostics={"external": external}, samples_file="samples.npz", started_at=now, finished_at=now,
     )
     atomic_write_bytes(d / "samples.npz", buf.getvalue())

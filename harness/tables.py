@@ -55,6 +55,9 @@ METRIC_LATEX = {
 }
 TARGET_ORDER = ("gmm40", "dw4", "lj13", "lj55")
 METHOD_ORDER = ("dds", "pis", "fab", "idem", "nem", "bnem", "mcmc", "pt")
+#: method keys of samplers scored from saved samples (``python -m harness.score --add-to``)
+EXTERNAL_PREFIX = "external:"
+EXTERNAL_MARK = " (external)"
 
 
 # ---------------------------------------------------------------------------------------- names
@@ -70,8 +73,16 @@ def target_display(key: str) -> str:
         return key
 
 
+def is_external(key: str) -> bool:
+    """Whether ``key`` is an external sampler's (``external:LABEL``, written by ``harness.score``)."""
+    return isinstance(key, str) and key.startswith(EXTERNAL_PREFIX)
+
+
 def method_display(key: str) -> str:
-    """Display name from the method class when registered, else the key."""
+    """Display name from the method class when registered, ``LABEL (external)`` for an external sampler,
+    else the key."""
+    if is_external(key):
+        return key[len(EXTERNAL_PREFIX):] + EXTERNAL_MARK
     try:
         import methods
 
@@ -152,7 +163,12 @@ def expected_cells(grid: str, df: pd.DataFrame) -> tuple[list[str], list[str], i
         reps = g.replicates
     except Exception:
         pass
-    return _order(tg, TARGET_ORDER), _order(mt, METHOD_ORDER), reps
+    # external samplers: after the built-in methods, on whichever targets they were scored
+    ext = df[df["method"].map(is_external)] if not df.empty else df
+    tg = list(dict.fromkeys([*tg, *(sorted(ext["target"].unique()) if not ext.empty else [])]))
+    mt = [m for m in _order(mt, METHOD_ORDER) if not is_external(m)]
+    mt += sorted(ext["method"].unique()) if not ext.empty else []
+    return _order(tg, TARGET_ORDER), mt, reps
 
 
 def build_cells(
@@ -169,7 +185,8 @@ def build_cells(
                 if col in sub.columns:
                     ok = sub[sub["status"] == "ok"][col].astype(float)
                     vals = [float(v) for v in ok if math.isfinite(v)]
-                cells[(m, t, k)] = Cell(vals, len(sub), n_div, max(reps, len(sub)))
+                n_exp = len(sub) if is_external(m) else max(reps, len(sub))  # external: the records there are
+                cells[(m, t, k)] = Cell(vals, len(sub), n_div, n_exp)
     return cells
 
 
@@ -247,6 +264,19 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str) -> Table:
         shown = {m: fmt_num(v) for m, v in means.items()}
         for m, r in rank_column(means, shown).items():
             rank[(m, t, k)] = r
+    notes = footnotes(sub, protocol, tgs)
+    ext = fin["method"].map(is_external) if not fin.empty else None
+    if ext is not None and ext.any():  # external samplers are not grid cells: coverage counts the grid's
+        g_tgs, g_mts, _ = expected_cells(grid, sub[~sub["method"].map(is_external)])
+        coverage = coverage_line(fin[~ext], g_tgs, g_mts, reps)
+        n_ext = int(ext.sum())
+        coverage += f" Plus {n_ext} external sampler run{'s' if n_ext != 1 else ''} (not grid cells)."
+        notes.insert(-1, "`(external)`: a sampler scored from its saved samples with `python -m "
+                     "harness.score` (same protocol, sizes, reference splits and metric code as the built-in "
+                     "methods; no training budget counted unless self-reported); ranked with the built-in "
+                     "methods.")
+    else:
+        coverage = coverage_line(fin, tgs, mts, reps)
     return Table(
         grid,
         protocol,
@@ -254,8 +284,8 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str) -> Table:
         mts,
         text,
         rank,
-        coverage_line(fin, tgs, mts, reps),
-        footnotes(sub, protocol, tgs),
+        coverage,
+        notes,
         cost_cells(fin, tgs, mts),
     )
 

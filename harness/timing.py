@@ -292,7 +292,13 @@ def _ratio(num: float, den: float) -> float:
     return float("nan")
 
 
+#: method keys of samplers scored from saved samples by ``harness.score`` (as in harness.tables)
+EXTERNAL_PREFIX = "external:"
+
+
 def _display_name(kind: str, key: str) -> str:
+    if kind == "method" and str(key).startswith(EXTERNAL_PREFIX):
+        return str(key)[len(EXTERNAL_PREFIX):] + " (external)"
     try:
         if kind == "method":
             import methods
@@ -496,6 +502,8 @@ def timing_table(
                     row.append("not reached")
                 elif b["n_reached"] == 0:
                     row.append("baseline not reached")
+                elif not _finite(c[key]):  # e.g. an external sampler without a (self-reported) cost
+                    row.append("—")
                 else:
                     row.append(f"{c[key]:.2f}×" + mk)
         rows.append(row)
@@ -526,6 +534,12 @@ def _notes(
         "Mean ± std over ok seeds; `*` diverged (numbers from the diverged runs); `—` missing or not "
         "reported; network evals are as reported by each method."
     )
+    if len(tr) and tr["method"].astype(str).str.startswith(EXTERNAL_PREFIX).any():
+        notes.append(
+            "`(external)`: a sampler scored from its saved samples with `python -m harness.score`; its "
+            "training time and energy evaluations are self-reported (`—` when not given) and were measured "
+            "elsewhere, so they are not comparable with the other rows' wall-clock."
+        )
 
     def distinct(col: str) -> list[str]:
         return sorted({str(v) for v in tr[col].dropna()}) if len(tr) and col in tr.columns else []
