@@ -219,6 +219,8 @@ def write_figures(
             continue
         dg = df[df["grid"] == g]
         fin = dg[dg["is_final"].astype(bool)]
+        if "primary_protocol" in fin.columns:  # one row per run: records hold a row per protocol block
+            fin = fin[(fin["protocol"] == fin["primary_protocol"]) | fin["primary_protocol"].isna()]
         for t in sorted(dg["target"].unique()):
             samples = _per_method_samples(fin, t)
             try:

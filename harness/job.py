@@ -28,7 +28,10 @@ import datetime as _dt
 import io
 import json
 import math
+import os
 import signal
+import socket
+import sys
 import threading
 import time
 import traceback
@@ -41,9 +44,18 @@ import numpy as np
 import torch
 
 from harness import checkpoint as ck
+from harness import progress as pg
 from harness.budget import Budget, CountingTarget, Usage
 from harness.env import apply_threads, environment_info, threads_from_allocation
 from harness.records import RunRecord, RunSpec, atomic_write_bytes, atomic_write_json
+from harness.scoring import (
+    EvalPlan,
+    UnscorableCellError,
+    eval_file,
+    eval_plan,
+    final_scoring,
+    tidy_eval_samples,
+)
 
 DONE_STATUSES = ("ok", "diverged")
 RECORD_NAME = "record.json"
@@ -115,28 +127,10 @@ def _method_config(M: Any, spec: RunSpec) -> Any:
     return M.Config.for_target(spec.target, **over)
 
 
-def _eval_sizes(spec: RunSpec) -> tuple[int, int]:
-    if spec.n_eval_samples is not None:
-        return int(spec.n_eval_samples), int(spec.n_eval_samples)
+def _selection_size(target: Any) -> int:
     from harness import metrics
 
-    n_gen, n_ref = metrics.eval_sizes(spec.protocol, spec.target)
-    return int(n_gen), int(n_ref)
-
-
-def _metric_opts(spec: RunSpec) -> dict[str, Any]:
-    """The grid's options for harness.metrics.evaluate (none for cells of unknown grids)."""
-    from harness import grids
-
-    g = grids.GRIDS.get(spec.grid)
-    return dict(g.metric_opts) if g is not None else {}
-
-
-def _evaluate_metrics(samples: torch.Tensor, reference: torch.Tensor, target: Any, protocol: str,
-                      **opts: Any) -> dict:
-    from harness import metrics
-
-    return dict(metrics.evaluate(samples, reference, target, protocol, **opts))
+    return metrics.SELECTION_SIZES.get(target.name, 1000)
 
 
 def _finite_logs(logs: Any, step: int) -> dict[str, float]:
@@ -154,19 +148,56 @@ def _finite_logs(logs: Any, step: int) -> dict[str, float]:
     return out
 
 
-def _save_samples(run_dir: Path, samples: torch.Tensor) -> str:
+def _save_samples(run_dir: Path, samples: torch.Tensor, name: str = SAMPLES_NAME) -> str:
     x = samples[:MAX_SAVED_SAMPLES].detach().to("cpu", torch.float32).numpy()
     buf = io.BytesIO()
     np.savez(buf, samples=x)
-    atomic_write_bytes(run_dir / SAMPLES_NAME, buf.getvalue())
-    return SAMPLES_NAME
+    atomic_write_bytes(run_dir / name, buf.getvalue())
+    return name
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a cell at a step boundary after its checkpoint was written; ``message`` says
+    what was saved and how to resume (a ``KeyboardInterrupt``, so callers that stop on Ctrl-C still do)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+#: a stop signal that reached this process outside a cell's training loop (``install_worker_handlers``)
+_PENDING: dict[str, int | None] = {"signum": None}
+
+
+def _request_stop(signum: int, frame: Any) -> None:
+    if signum == signal.SIGINT and _PENDING["signum"] == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step boundary
+    _PENDING["signum"] = signum
+
+
+def install_worker_handlers() -> None:
+    """In a worker process (local or SLURM): SIGINT and SIGTERM only *request* a stop, so the running cell
+    checkpoints at its next step boundary, also when the signal arrives during an evaluation, set-up or
+    between cells (submitit itself ignores SIGTERM, which left workers running after their launcher died)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _request_stop)
+
+
+def stop_requested() -> int | None:
+    """The signal number of a pending stop request of this process, or None."""
+    return _PENDING["signum"]
 
 
 class _SignalCatcher:
-    """While active (main thread only), SIGTERM / SIGUSR2 set a flag; the loop checkpoints at the next step
-    boundary and then hands the signal to the previous handler (submitit: checkpoint + requeue)."""
+    """While active (main thread only), SIGTERM / SIGUSR2 / SIGINT set a flag; the loop checkpoints at the
+    next step boundary and then: SIGTERM / SIGUSR2 go to the handler installed before (submitit: checkpoint +
+    requeue) and the process exits 128 + signum; SIGINT raises ``CellInterrupted``. A second SIGINT before
+    the boundary raises ``KeyboardInterrupt`` at once (the last checkpoint stays)."""
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR2", None)) if s)
+    SIGNALS = tuple(
+        s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR2", "SIGINT")) if s is not None
+    )
 
     def __init__(self) -> None:
         self.pending: int | None = None
@@ -179,6 +210,8 @@ class _SignalCatcher:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.pending == signal.SIGINT:
+            raise KeyboardInterrupt
         self.pending = signum
 
     def __exit__(self, *exc: object) -> None:
@@ -187,14 +220,20 @@ class _SignalCatcher:
         self.previous = {}
 
     def check(self) -> None:
-        if self.pending is not None:
-            raise _StopSignal(self.pending)
+        signum = self.pending if self.pending is not None else _PENDING["signum"]
+        if signum is not None:
+            raise _StopSignal(signum)
 
-    def forward(self, signum: int) -> None:
-        """Give the signal to the handler that was installed before; default: exit 128 + signum."""
+    def forward(self, signum: int, message: str = "") -> None:
+        """After the checkpoint: SIGINT raises ``CellInterrupted(message)``; other signals go to the handler
+        that was installed before, then the process exits 128 + signum (``message`` on stderr first)."""
         prev = self.previous.get(signum)
         self.__exit__()
-        if callable(prev):
+        if signum == signal.SIGINT:
+            raise CellInterrupted(message)
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        if callable(prev) and prev is not _request_stop:
             prev(signum, None)
         raise SystemExit(128 + signum)
 
@@ -206,8 +245,13 @@ def run_one(
     threads: int | None = None,
     checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    progress: Any = "auto",
 ) -> RunRecord:
     """Run (or resume, or return the finished record of) one cell and return its record.
+
+    ``progress``: in-cell progress reporting (``harness.progress``): "auto" (a live line on a terminal, else
+    a log line every ``BOLTZBENCH_PROGRESS_EVERY`` s on stderr), "lines", "bar", "off", or a callable taking
+    each snapshot (no output then). ``progress.json`` in the run directory is written in every mode.
 
     ``threads``: torch threads (default: from the allocation, see ``harness.env``). ``checkpoint_every_s``:
     wall-clock seconds between periodic checkpoints (0: after every step). ``on_step(step, logs)``: called
@@ -219,7 +263,7 @@ def run_one(
         same = existing is not None and spec_key(existing.spec) == spec_key(spec)
         if same and existing.status in DONE_STATUSES:
             return existing
-        return _run_locked(spec, run_dir, threads, checkpoint_every_s, on_step)
+        return _run_locked(spec, run_dir, threads, checkpoint_every_s, on_step, progress)
 
 
 def _run_locked(
@@ -228,9 +272,16 @@ def _run_locked(
     threads: int | None,
     checkpoint_every_s: float,
     on_step: Callable[[int, dict[str, float]], None] | None,
+    progress: Any = "auto",
 ) -> RunRecord:
     apply_threads(threads_from_allocation(threads))
     started_at = _now()
+    # wall-clock segments this cell ran in (one per launch that advanced it); see _segment_info
+    segment: dict[str, Any] = {"started_at": started_at, "host": socket.gethostname(), "pid": os.getpid(),
+                               "steps_from": 0, "train_seconds_from": 0.0}
+    segments: list[dict[str, Any]] = []
+    recovery: list[dict[str, Any]] = []
+    _RUN_INFO[run_dir] = {"segment": segment, "segments": segments, "recovery": recovery}
     usage = Usage()
     evaluations: list[dict[str, Any]] = []
     status, stop_reason, error = "ok", None, None
@@ -239,6 +290,8 @@ def _run_locked(
     diagnostics: dict[str, Any] = {}
     samples_file: str | None = None
     device_str = spec.device
+    plan: EvalPlan | None = None
+    target: Any = None
     try:
         import methods
         import targets
@@ -252,12 +305,17 @@ def _run_locked(
         budget = Budget.from_dict(spec.budget)
         fractions = sorted({float(f) for f in spec.eval_fractions if 0 < float(f) <= 1} | {1.0})
 
+        plan = eval_plan(spec, target)
+        if plan.refusal:
+            raise UnscorableCellError(plan.refusal)
+
         ck.seed_everything(spec.seed)
         generator = torch.Generator(device=device).manual_seed(spec.seed)
         counted = CountingTarget(target, usage)
         method = M(counted, config, device, generator)
         next_eval = 0
-        ckpt = ck.load_checkpoint(run_dir, map_location="cpu")
+        ckpt, notes = ck.load_checkpoint_recovering(run_dir, map_location="cpu")
+        recovery.extend(notes)
         if ckpt is not None:
             if ckpt["spec"] != spec_key(spec):
                 raise ValueError(
@@ -271,6 +329,8 @@ def _run_locked(
             started_at = ckpt.get("started_at", started_at)
             samples_file = ckpt.get("samples_file") or None
             ck.set_rng_state(ckpt["rng"], generator)
+            segments.extend(json.loads(ckpt.get("segments") or "[]"))
+            segment.update(steps_from=usage.steps, train_seconds_from=usage.train_seconds)
         else:  # a fresh start: say which spec the checkpoints that follow belong to
             atomic_write_json(run_dir / SPEC_NAME, spec.to_dict())
 
@@ -286,11 +346,14 @@ def _run_locked(
                     "started_at": started_at,
                     "samples_file": samples_file or "",
                     "rng": ck.rng_state(generator),
+                    "segments": json.dumps(segments + [_close_segment(segment, usage)]),
                 },
             )
 
         reference: torch.Tensor | bool | None = None  # False: no reference available (metrics skipped)
         last_ckpt = time.monotonic()
+        reporter = _make_reporter(spec, run_dir, budget, usage, progress)
+        _RUN_INFO[run_dir]["reporter"] = reporter
         with _SignalCatcher() as catcher:
             try:
                 while True:
@@ -298,21 +361,22 @@ def _run_locked(
                     frac = budget.fraction(usage)
                     due = [f for f in fractions[next_eval:] if exhausted or frac >= f]
                     if due:
-                        if reference is None:
-                            n_gen, n_ref = _eval_sizes(spec)
+                        if reference is None:  # the val split only: test is read by the final scoring
                             try:
-                                reference = target.reference("test", n_ref)
-                                reference_info = dict(target.reference_info("test"))
+                                reference = target.reference("val")[: _selection_size(target)]
                             except FileNotFoundError as e:  # e.g. LJ references not generated yet
                                 reference = False
                                 reference_info = {"error": f"{type(e).__name__}: {e}"}
                         entry, samples = _evaluate(
                             method, counted, target, spec, reference if reference is not False else None,
-                            n_gen, due, frac,
+                            plan.n_generate, due, frac,
                         )
                         if reference is False:
                             entry["reference_error"] = reference_info["error"]
+                        entry["samples_file"] = _save_samples(run_dir, samples, eval_file(len(evaluations)))
+                        samples_file = entry["samples_file"]
                         evaluations.append(entry)
+                        reporter.evaluated(entry)
                         diagnostics = entry.get("diagnostics", {})
                         next_eval += len(due)
                         if entry["n_nonfinite"] > 0:
@@ -320,7 +384,6 @@ def _run_locked(
                                 f"{entry['n_nonfinite']} non-finite samples at evaluation "
                                 f"{due[-1]:g} (step {usage.steps})"
                             )
-                        samples_file = _save_samples(run_dir, samples)
                         if not exhausted:
                             save()
                             last_ckpt = time.monotonic()
@@ -337,12 +400,14 @@ def _run_locked(
                     if time.monotonic() - last_ckpt >= checkpoint_every_s:
                         save()
                         last_ckpt = time.monotonic()
+                    reporter.step(logs)
                     if on_step is not None:
                         on_step(usage.steps, logs)
                     catcher.check()
             except _StopSignal as s:
                 save()
-                catcher.forward(s.signum)
+                reporter.close("interrupted")
+                catcher.forward(s.signum, _interrupt_message(spec, run_dir, s.signum, usage))
     except DivergedError as e:
         status, stop_reason = "diverged", str(e)
     except Exception as e:
@@ -362,9 +427,20 @@ def _run_locked(
                 device_str, diagnostics, error, samples_file, started_at,
             )
             raise
+    selection: dict[str, Any] = {}
+    scoring: dict[str, Any] = {}
+    if status in DONE_STATUSES and evaluations and plan is not None:
+        try:  # the only place the test split is read
+            selection, scoring = final_scoring(spec, run_dir, target, evaluations, plan)
+            samples_file = tidy_eval_samples(run_dir, evaluations, selection)
+            if "error" not in reference_info:
+                reference_info = {**scoring.get("test_reference", {}), "splits": scoring.get("splits", {})}
+        except Exception as e:
+            status, error = "failed", traceback.format_exc()
+            stop_reason = f"final scoring: {type(e).__name__}: {e}"[:500]
     rec = _write_record(
         spec, run_dir, status, stop_reason, usage, evaluations, config_dict, reference_info,
-        device_str, diagnostics, error, samples_file, started_at,
+        device_str, diagnostics, error, samples_file, started_at, selection, scoring,
     )
     if status in DONE_STATUSES:
         ck.remove_checkpoint(run_dir)
@@ -375,6 +451,7 @@ def _write_record(
     spec: RunSpec, run_dir: Path, status: str, stop_reason: str | None, usage: Usage,
     evaluations: list[dict[str, Any]], config: dict[str, Any], reference: dict[str, Any], device: str,
     diagnostics: dict[str, Any], error: str | None, samples_file: str | None, started_at: str,
+    selection: dict[str, Any] | None = None, scoring: dict[str, Any] | None = None,
 ) -> RunRecord:
     rec = RunRecord(
         spec=spec,
@@ -384,23 +461,77 @@ def _write_record(
         evaluations=evaluations,
         config=config,
         reference=reference,
-        environment=environment_info(device),
+        environment=_environment(device, run_dir, usage, status),
         diagnostics=diagnostics,
         error=error,
         samples_file=samples_file if samples_file and (run_dir / samples_file).exists() else None,
         started_at=started_at,
         finished_at=_now(),
+        selection=selection or {},
+        scoring=scoring or {},
     )
     rec.write(run_dir / RECORD_NAME)
     return rec
+
+
+#: per run directory, while _run_locked runs: its segment, the earlier segments and checkpoint-recovery notes
+_RUN_INFO: dict[Path, dict[str, Any]] = {}
+
+
+def _close_segment(segment: dict[str, Any], usage: Usage) -> dict[str, Any]:
+    """The segment as recorded: when and where it ran, the steps it advanced and its training seconds."""
+    return {
+        "started_at": segment["started_at"],
+        "ended_at": _now(),
+        "host": segment["host"],
+        "pid": segment["pid"],
+        "steps_from": int(segment["steps_from"]),
+        "steps_to": int(usage.steps),
+        "train_seconds": float(usage.train_seconds - segment["train_seconds_from"]),
+    }
+
+
+def _environment(device: str, run_dir: Path, usage: Usage, status: str = "") -> dict[str, Any]:
+    """``environment_info`` plus this run's ``resumed`` flag, its wall-clock ``segments`` (one per launch
+    that advanced the cell, each with ``train_seconds``) and any ``checkpoint_recovery`` notes."""
+    env = environment_info(device)
+    info = _RUN_INFO.pop(run_dir, None)
+    if info is None:
+        return env
+    segs = [*info["segments"], _close_segment(info["segment"], usage)]
+    env["resumed"] = len(segs) > 1
+    env["segments"] = segs
+    if info["recovery"]:
+        env["checkpoint_recovery"] = info["recovery"]
+    rep = info.get("reporter")
+    if rep is not None:
+        rep.close(status or "finished")
+    return env
+
+
+def _make_reporter(spec: RunSpec, run_dir: Path, budget: Budget, usage: Usage, progress: Any
+                   ) -> pg.CellProgress:
+    if callable(progress):
+        return pg.CellProgress(spec.cell_id, run_dir, budget, usage, mode="off", callback=progress)
+    mode = progress if progress in ("auto", "lines", "bar", "off") else "auto"
+    return pg.CellProgress(spec.cell_id, run_dir, budget, usage, mode=mode)
+
+
+def _interrupt_message(spec: RunSpec, run_dir: Path, signum: int, usage: Usage) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return (f"{spec.cell_id}: stopped by {name} at step {usage.steps}; checkpoint written to "
+            f"{run_dir / ck.CHECKPOINT_NAME} (re-running the same command resumes it)")
 
 
 def _evaluate(
     method: Any, counted: CountingTarget, target: Any, spec: RunSpec, reference: torch.Tensor | None,
     n_gen: int, due: list[float], frac: float,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Sample ``n_gen`` configurations, compute the metrics (none without a reference); returns
-    (evaluation entry, samples on CPU)."""
+    """Sample ``n_gen`` configurations and compute the val-split selection metrics against ``reference``
+    (the val split; none without one); returns (evaluation entry, samples on CPU)."""
     t0 = time.perf_counter()
     with counted.sampling():
         x = method.sample(n_gen)
@@ -411,11 +542,9 @@ def _evaluate(
         )
     finite = torch.isfinite(x).all(dim=1)
     n_nonfinite = int((~finite).sum())
-    opts = _metric_opts(spec)
-    metrics = _evaluate_metrics(x, reference, target, spec.protocol, **opts) if reference is not None else {}
-    metrics = {
-        k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in metrics.items()
-    }
+    from harness import metrics as hm
+
+    val = hm.selection_metrics(x, reference, target) if reference is not None else {}
     try:
         diag = {k: float(v) for k, v in (method.diagnostics() or {}).items()}
     except Exception as e:  # diagnostics are informative; a failure is reported, not fatal
@@ -426,7 +555,8 @@ def _evaluate(
         "budget_fraction": frac,
         "step": counted.usage.steps,
         "usage": counted.usage.to_dict(),
-        "metrics": metrics,
+        "metrics": {},  # filled by the final scoring (harness.scoring), the only reader of the test split
+        "val": val,
         "diagnostics": diag,
         "n_samples": int(x.shape[0]),
         "n_nonfinite": n_nonfinite,

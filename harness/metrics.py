@@ -57,6 +57,10 @@ __all__ = [
     "hist_tv_2d_joint",
     "kabsch_mean_distance_cost",
     "metric_split",
+    "references_used",
+    "scorable",
+    "selection_metrics",
+    "split_source",
     "sq_euclidean_cost",
     "w2",
     "w2_squared_1d",
@@ -613,6 +617,9 @@ _DEFAULT_OPTS: dict[str, Any] = {
     "ci": 0.95,  # central percentile interval
     "seed": 0,  # bootstrap RNG seed (numpy)
     "noise_floor": True,  # compute <key>_floor (reference val vs test at the same sizes; cached)
+    # load a missing split from the data directory even when its source (published / generated / exact)
+    # differs from the given split's, or when the given split is not the data directory's: off = refuse
+    "mix_sources": False,
     "solver": "auto",  # exact OT solver: auto | emd | assignment
     "n_aligned": None,  # boltzbench aligned x-W2 size (None: the protocol's per-target default; 0: skip)
     "subsample": True,  # use the first n rows when more than the protocol's sizes are given
@@ -696,6 +703,8 @@ def evaluate(samples: Any, reference: Any, target: Any, protocol: str = "boltzbe
     if o["noise_floor"]:
         needed |= {"test", "val"}
     val_fallback = 0.0
+    if not o["mix_sources"]:
+        _check_same_sources(target, refs, needed - set(refs))
     for split in sorted(needed - set(refs)):
         loaded = _load_split(target, split, n_ref_used)
         if loaded is not None and loaded.shape[0] >= min(n_ref_used, 2):
@@ -753,3 +762,111 @@ def metric_function(protocol: str) -> Callable[..., dict[str, float]]:
     """``evaluate`` with the protocol bound (handy for notebooks)."""
     _protocol(protocol)
     return lambda samples, reference, target, **o: evaluate(samples, reference, target, protocol, **o)
+
+
+# ================================================================================== provenance / selection
+
+
+def split_source(target: Any, split: str) -> dict[str, Any]:
+    """Provenance of the data directory's ``split`` for ``target``: ``source`` (published / generated /
+    exact), ``file``, ``sha256`` (of the file), ``n``; ``{"error": ...}`` when the split is unavailable."""
+    try:
+        info = dict(target.reference_info(split))
+    except Exception as e:
+        return {"split": split, "error": f"{type(e).__name__}: {e}"}
+    keep = ("source", "file", "sha256", "n", "split", "target")
+    return {k: info[k] for k in keep if k in info}
+
+
+def _available(target: Any, split: str) -> bool:
+    try:
+        target.reference(split, 1)
+    except Exception:
+        return False
+    return True
+
+
+def _matches_data_dir(target: Any, split: str, a: np.ndarray) -> bool:
+    """Whether ``a`` (given by the caller) is the first rows of the data directory's ``split``."""
+    try:
+        ref = _prep(target.reference(split, a.shape[0]), target)
+    except Exception:
+        return False
+    return bool(np.allclose(_center(target, ref), _center(target, a), atol=1e-5, rtol=0))
+
+
+def _check_same_sources(target: Any, given: dict[str, np.ndarray], to_load: set[str]) -> None:
+    """Refuse to complete the caller's reference with a data-directory split of another origin: the given
+    split(s) must be the data directory's own, and every split loaded must share their source."""
+    to_load = {s for s in to_load if _available(target, s)}  # an absent split takes the val fallback
+    if not to_load or not given:
+        return
+    for split, a in given.items():
+        if not _matches_data_dir(target, split, a):
+            raise ValueError(
+                f"{target.name}: the given {split!r} reference is not the data directory's {split} split, "
+                f"so scoring would compute some metrics against it and others against the data directory's "
+                f"{'/'.join(sorted(to_load))} split. Pass every split explicitly "
+                f"(reference={{'test': ..., 'val': ...}}) or mix_sources=True"
+            )
+    src = {s: split_source(target, s).get("source") for s in set(given) | set(to_load)}
+    if len({v for v in src.values() if v is not None}) > 1:
+        desc = ", ".join(f"{s}: {v}" for s, v in sorted(src.items()))
+        raise ValueError(
+            f"{target.name}: reference splits come from different sources ({desc}); mixing published and "
+            "generated splits must be explicit: pass reference={'test': ..., 'val': ...} or mix_sources=True"
+        )
+
+
+def references_used(target: Any, protocol: str, noise_floor: bool = True) -> dict[str, dict[str, Any]]:
+    """The data-directory splits ``evaluate`` uses under ``protocol`` (with its noise floors when
+    ``noise_floor``): split -> provenance (source, file, sha256, n) and the metrics computed against it."""
+    p = _protocol(protocol)
+    out: dict[str, dict[str, Any]] = {}
+    for k in ("x_w2", "e_w2", "tv", "dist_w2"):
+        sp = p.splits.get(k, p.default_split)
+        out.setdefault(sp, {"metrics": []})["metrics"].append(k)
+    if noise_floor:
+        for sp in ("test", "val"):
+            out.setdefault(sp, {"metrics": []})["metrics"].append("floors")
+    return {sp: {**split_source(target, sp), **v} for sp, v in sorted(out.items())}
+
+
+def scorable(target: Any, protocol: str, n_eval: int | None = None) -> str | None:
+    """None when ``protocol`` can score ``target`` (every split it reads holds at least its reference size,
+    or ``n_eval`` rows); else the reason, naming the fix."""
+    try:
+        n_gen, n_ref = eval_sizes(protocol, target.name)
+    except ValueError as e:
+        return str(e)
+    need = int(n_eval) if n_eval is not None else n_ref
+    for sp, info in references_used(target, protocol).items():
+        if "error" in info:
+            return f"{protocol}: {target.name} {sp} reference unavailable ({info['error']})"
+        if info.get("n") is not None and int(info["n"]) < need:
+            return (
+                f"{protocol}: {target.name} {sp} reference has {info['n']} samples, the protocol needs "
+                f"{need}; "
+                f"generate a larger one (python -m targets.reference --target {target.name} --splits {sp} "
+                f"--n {need}) or score with fewer samples (n_eval_samples / --n), marked non-standard"
+            )
+    return None
+
+
+#: size of the val-split selection metrics per target (DEM validates on 1000 vs 1000, LJ-13 1024, LJ-55 4×128)
+SELECTION_SIZES: dict[str, int] = {"gmm40": 1000, "dw4": 1000, "lj13": 1024, "lj55": 512}
+
+
+def selection_metrics(samples: Any, val: Any, target: Any) -> dict[str, float]:
+    """Val-split metrics used to select checkpoints, as the papers' code logs them at validation:
+    ``val_x_w2`` = sqrt(exact OT, squared Euclidean cost) on flat centred coordinates (DEM's
+    ``val/2-Wasserstein``), ``val_e_w2`` = W2² of energies (``val/energy_w2``). First
+    ``SELECTION_SIZES[target]`` rows of each; NaN when a generated row is non-finite. Never reads test."""
+    n = SELECTION_SIZES.get(target.name, 1000)
+    g = _prep(samples, target)[:n]
+    r = _center(target, _prep(val, target)[:n])
+    if g.shape[0] == 0 or not np.isfinite(g).all():
+        return {"val_x_w2": float("nan"), "val_e_w2": float("nan"), "n_val": float(r.shape[0])}
+    g = _center(target, g)
+    e_g, e_r = _energies(target, g), _energies(target, r)
+    return {"val_x_w2": w2(g, r), "val_e_w2": w2_squared_1d(e_r, e_g), "n_val": float(r.shape[0])}

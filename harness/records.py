@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+#: 2 adds ``selection``, ``scoring`` and per-evaluation ``scores`` / ``val`` blocks; version 1 is still read
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 STATUSES = ("ok", "diverged", "failed", "timeout")
 
 
@@ -109,6 +111,10 @@ class RunRecord:
     samples_file: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    #: evaluation index per selection rule (harness.scoring.select): {"index": {"last": k, "idem": k, ...}}
+    selection: dict[str, Any] = field(default_factory=dict)
+    #: when and against which reference files (source, sha256) the evaluations were scored, per protocol
+    scoring: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -122,7 +128,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
-        if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
+        if not isinstance(d, dict) or d.get("schema_version") not in READABLE_SCHEMAS:
             raise ValueError(f"unsupported record schema_version {d.get('schema_version')!r}")
         d = dict(d)
         if not isinstance(d.get("spec"), dict):
@@ -148,6 +154,14 @@ SAMPLES_NAME = "samples.npz"
 METRIC_PREFIX = "m_"
 #: per-checkpoint usage columns carry this prefix (``u_energy_evals``, ``u_train_seconds``, ...)
 USAGE_PREFIX = "u_"
+#: val-split selection metrics (``v_val_x_w2``, ``v_val_e_w2``); diagnostics (``d_log_z``, ``d_ess``, ...)
+VAL_PREFIX = "v_"
+DIAG_PREFIX = "d_"
+#: ``sel_<rule>``: whether the evaluation is the one selection rule <rule> picks (harness.scoring)
+SELECTED_PREFIX = "sel_"
+SELECTION_RULE_NAMES = ("last", "idem", "bnem")
+#: the rule each protocol's paper applied (``is_selected`` follows it); mirrors harness.scoring.PROTOCOL_RULE
+PROTOCOL_RULE = {"idem": "idem", "bnem": "bnem", "boltzbench": "last"}
 
 
 def iter_record_paths(root: str | Path) -> list[Path]:
@@ -179,21 +193,43 @@ def record_rows(rec: RunRecord, path: str | Path | None = None) -> list[dict[str
         base["samples_path"] = str(sp) if sp.exists() else None
     for k, v in rec.usage.items():
         base[f"total_{k}"] = v
+    base["primary_protocol"] = s.protocol
+    env = rec.environment if isinstance(rec.environment, dict) else {}
+    base["resumed"] = bool(env.get("resumed", False))
     if not rec.evaluations:
-        return [{**base, "checkpoint": -1, "is_final": True, "fraction": float("nan"), "step": None}]
+        return [{**base, "checkpoint": -1, "is_final": True, "is_selected": True, "fraction": float("nan"),
+                 "step": None}]
+    picked = (rec.selection or {}).get("index") or {}
+    last = len(rec.evaluations) - 1
     rows = []
     for i, ev in enumerate(rec.evaluations):
-        row = {**base, "checkpoint": i, "is_final": i == len(rec.evaluations) - 1,
+        row = {**base, "checkpoint": i, "is_final": i == last,
                "fraction": ev.get("fraction"), "step": ev.get("step")}
+        for rule in SELECTION_RULE_NAMES:
+            row[f"{SELECTED_PREFIX}{rule}"] = picked.get(rule, last) == i
         for k, v in (ev.get("usage") or {}).items():
             row[f"{USAGE_PREFIX}{k}"] = v
-        for k, v in (ev.get("metrics") or {}).items():
-            try:
-                row[f"{METRIC_PREFIX}{k}"] = float(v)
-            except (TypeError, ValueError):
-                row[f"{METRIC_PREFIX}{k}"] = float("nan")
-        rows.append(row)
+        for k, v in (ev.get("val") or {}).items():
+            row[f"{VAL_PREFIX}{k}"] = _float(v)
+        for k, v in (ev.get("diagnostics") or {}).items():
+            row[f"{DIAG_PREFIX}{k}"] = _float(v)
+        blocks = {p: b for p, b in (ev.get("scores") or {}).items() if isinstance(b, dict)}
+        if not blocks:  # schema 1, or no scores: the run's own protocol's metrics
+            blocks = {s.protocol: ev.get("metrics") or {}}
+        for protocol, block in blocks.items():
+            prow = {**row, "protocol": protocol,
+                    "is_selected": row[f"{SELECTED_PREFIX}{PROTOCOL_RULE.get(protocol, 'last')}"]}
+            for k, v in block.items():
+                prow[f"{METRIC_PREFIX}{k}"] = _float(v)
+            rows.append(prow)
     return rows
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def load_records(root: str | Path = "results/runs", strict: bool = False) -> Any:

@@ -4,11 +4,13 @@
                              [--grid NAME] [--protocol NAME] [--no-figures]
 
 Per (grid, protocol) found in the records: ``<grid>_<protocol>.md`` / ``.tex`` — methods as rows, targets ×
-metrics as columns, mean ± std over seeds of the final evaluation, best **bold** and second underlined per
-column (ties share a rank), ``*`` = every seed diverged, ``—`` = missing (no record, failed, timed out or no
-metric), ``(k/n)`` = only k of n seeds usable; a coverage line and footnotes (protocol, sample sizes,
-reference provenance, noise floors). For the ``idem`` and ``bnem`` protocols also
-``<grid>_<protocol>_reproduction.md`` / ``.tex``: our numbers beside the published ones with the ratio.
+metrics as columns, mean ± std over seeds of the evaluation the selection rule picks (``--selection``),
+best **bold** and second underlined per column (ties share a rank), ``*`` = every seed diverged, ``—`` =
+missing (no record, failed, timed out or no metric), ``(k/n)`` = only k of n seeds usable; a coverage line
+and footnotes (selection rule, protocol, sample sizes, reference provenance, noise floors). For the
+``idem`` and ``bnem`` protocols also
+``<grid>_<protocol>_reproduction.md`` / ``.tex``: our numbers beside the published ones with the ratio, and
+``reproduction_<protocol>.md`` / ``.tex``: each cell from ``paper`` records where they exist, else ``cpu``.
 Works on an empty or partial results directory.
 """
 
@@ -135,11 +137,33 @@ def fmt_num(v: float, sig: int = 4) -> str:
     return f"{v:.{dec}f}"
 
 
-def final_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The final evaluation row of each run (runs without evaluations keep their single row)."""
+#: which evaluation of each run a table shows (``harness.scoring``): ``paper`` = the rule of the table's
+#: protocol's paper (idem: best val x-W2; bnem: val E-W2 early stopping; boltzbench: last), or one rule
+SELECTIONS: tuple[str, ...] = ("paper", "last", "idem", "bnem")
+SELECTION_TEXT = {
+    "last": "the final evaluation of each run",
+    "idem": "each run's evaluation with the lowest val-split x-W2 (DEM's checkpoint selection)",
+    "bnem": "each run's evaluation at the point where early stopping on val-split E-W2 (patience 10, BNEM) "
+    "stops it, else the final one",
+}
+
+
+def selection_rule(selection: str, protocol: str) -> str:
+    """The concrete rule (last / idem / bnem) a table of ``protocol`` shows under ``selection``."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}")
+    return {"idem": "idem", "bnem": "bnem"}.get(protocol, "last") if selection == "paper" else selection
+
+
+def final_rows(df: pd.DataFrame, rule: str = "last") -> pd.DataFrame:
+    """The row of each run that selection ``rule`` (last / idem / bnem) picks (runs without evaluations keep
+    their single row; records without a selection fall back to the final evaluation)."""
     if df.empty:
         return df
-    return df[df["is_final"].astype(bool)].copy()
+    col = "is_final" if rule == "last" else f"sel_{rule}"
+    if col not in df.columns:
+        col = "is_final"
+    return df[df[col].fillna(df["is_final"]).astype(bool)].copy()
 
 
 def expected_cells(grid: str, df: pd.DataFrame) -> tuple[list[str], list[str], int]:
@@ -222,6 +246,7 @@ class Table:
     coverage: str
     footnotes: list[str]
     cost: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, target) -> evaluations text
+    selection: str = "last"  # the selection rule of the evaluations shown
 
 
 def fmt_evals(v: float) -> str:
@@ -250,11 +275,13 @@ def cost_cells(fin: pd.DataFrame, tgs: list[str], mts: list[str]) -> dict[tuple[
     return out
 
 
-def make_table(df: pd.DataFrame, grid: str, protocol: str) -> Table:
-    """Aggregate the records of (grid, protocol) into a Table (ranks, coverage, footnotes)."""
+def make_table(df: pd.DataFrame, grid: str, protocol: str, selection: str = "paper") -> Table:
+    """Aggregate the records of (grid, protocol) into a Table (ranks, coverage, footnotes), showing the
+    evaluation of each run that ``selection`` picks (``SELECTIONS``)."""
+    rule = selection_rule(selection, protocol)
     sub = df[(df["grid"] == grid) & (df["protocol"] == protocol)] if not df.empty else df
     tgs, mts, reps = expected_cells(grid, sub)
-    fin = final_rows(sub)
+    fin = final_rows(sub, rule)
     cells = build_cells(fin, protocol, tgs, mts, reps)
     columns = [(t, k) for t in tgs for k in TABLE_METRICS[protocol] if _metric_defined(protocol, t, k)]
     text = {key: cell_text(c) for key, c in cells.items()}
@@ -265,6 +292,8 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str) -> Table:
         for m, r in rank_column(means, shown).items():
             rank[(m, t, k)] = r
     notes = footnotes(sub, protocol, tgs)
+    notes.insert(0, f"Evaluation shown: {SELECTION_TEXT[rule]} (selection rule `{rule}`; the test split is "
+                 "read only by the final scoring).")
     ext = fin["method"].map(is_external) if not fin.empty else None
     if ext is not None and ext.any():  # external samplers are not grid cells: coverage counts the grid's
         g_tgs, g_mts, _ = expected_cells(grid, sub[~sub["method"].map(is_external)])
@@ -287,6 +316,7 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str) -> Table:
         coverage,
         notes,
         cost_cells(fin, tgs, mts),
+        rule,
     )
 
 
@@ -309,7 +339,7 @@ def footnotes(sub: pd.DataFrame, protocol: str, tgs: list[str]) -> list[str]:
     if p is not None:
         notes.append(
             f"Protocol `{protocol}`: {p.description}. Lower is better for every column; mean ± std "
-            f"over seeds of the final evaluation."
+            f"over seeds of the evaluation named in note 1."
         )
         sizes = []
         for t in tgs:
@@ -410,7 +440,8 @@ def render_markdown(tb: Table) -> str:
             + [_decorate_md(tb.text[(m, t, k)], tb.rank.get((m, t, k))) for t, k in tb.columns]
         )
     body = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) if tb.columns else ""
-    out = [f"### {tb.grid} grid — `{tb.protocol}` protocol", "", body, "", tb.coverage, ""]
+    out = [f"### {tb.grid} grid — `{tb.protocol}` protocol, selection `{tb.selection}`", "", body, "",
+           tb.coverage, ""]
     out += [f"{i + 1}. {n}" for i, n in enumerate(tb.footnotes)]
     tgs = list(dict.fromkeys(t for t, _ in tb.columns))
     if tb.cost and tgs:
@@ -464,7 +495,8 @@ def render_latex(tb: Table) -> str:
             cells = [_latex_escape(tb.cost.get((m, t), MISSING)) for t in tgs]
             lines.append(" & ".join([_latex_escape(method_display(m))] + cells) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
-    cap = _latex_escape(f"{tb.grid} grid, {tb.protocol} protocol. {tb.coverage} " + " ".join(tb.footnotes))
+    cap = _latex_escape(f"{tb.grid} grid, {tb.protocol} protocol, selection {tb.selection}. {tb.coverage} "
+                        + " ".join(tb.footnotes))
     lines.append(rf"\caption{{{cap}}}")
     lines.append(rf"\label{{tab:{tb.grid}-{tb.protocol}}}")
     lines.append(r"\end{table}")
@@ -474,15 +506,33 @@ def render_latex(tb: Table) -> str:
 # ---------------------------------------------------------------------------------------- reproduction
 
 
-def reproduction_rows(df: pd.DataFrame, grid: str, protocol: str) -> list[dict[str, Any]]:
-    """Our final-evaluation means beside every published number of ``protocol``, with ours / published."""
-    sub = final_rows(df[(df["grid"] == grid) & (df["protocol"] == protocol)]) if not df.empty else df
+#: where the reproduction table takes each cell from: the paper-settings records, else the cpu ones
+REPRODUCTION_GRIDS: tuple[str, ...] = ("paper", "full", "cpu")
+
+
+def reproduction_rows(df: pd.DataFrame, grid: str | None, protocol: str,
+                      selection: str = "paper") -> list[dict[str, Any]]:
+    """Our means (the evaluation ``selection`` picks) beside every published number of ``protocol``, with
+    ours / published. ``grid`` None: each cell from the first of ``REPRODUCTION_GRIDS`` that has records of
+    it (the row says which)."""
+    rule = selection_rule(selection, protocol)
+    sub = final_rows(df[df["protocol"] == protocol], rule) if not df.empty else df
     rows = []
     for p in published_for(protocol):
         ours_vals: list[float] = []
         status = "missing"
+        used_grid = grid or MISSING
         if not sub.empty:
             s = sub[(sub["target"] == p.target) & (sub["method"] == p.method)]
+            if grid is not None:
+                s = s[s["grid"] == grid]
+            else:
+                for g in REPRODUCTION_GRIDS:
+                    if (s["grid"] == g).any():
+                        s, used_grid = s[s["grid"] == g], g
+                        break
+                else:
+                    s = s.iloc[0:0]
             col = METRIC_PREFIX + p.metric
             if len(s):
                 status = "diverged" if (s["status"] == "diverged").all() else "ok"
@@ -506,6 +556,8 @@ def reproduction_rows(df: pd.DataFrame, grid: str, protocol: str) -> list[dict[s
                 else (DIVERGED if status == "diverged" else MISSING),
                 "ratio": fmt_num(ours / pub, 3) if ours_vals and math.isfinite(pub) and pub != 0 else MISSING,
                 "seeds": len(ours_vals),
+                "grid": used_grid,
+                "selection": rule,
                 "source": p.source,
                 "note": p.note,
             }
@@ -513,8 +565,9 @@ def reproduction_rows(df: pd.DataFrame, grid: str, protocol: str) -> list[dict[s
     return rows
 
 
-def render_reproduction(rows: list[dict[str, Any]], grid: str, protocol: str, fmt: str) -> str:
-    headers = ["Method", "Target", "Metric", "Published", "Ours", "Ours / published", "Seeds", "Note"]
+def render_reproduction(rows: list[dict[str, Any]], grid: str | None, protocol: str, fmt: str) -> str:
+    headers = ["Method", "Target", "Metric", "Published", "Ours", "Ours / published", "Seeds", "Grid",
+               "Selection", "Note"]
     body = [
         [
             method_display(r["method"]),
@@ -524,6 +577,8 @@ def render_reproduction(rows: list[dict[str, Any]], grid: str, protocol: str, fm
             r["ours"],
             r["ratio"],
             str(r["seeds"]),
+            r.get("grid", grid),
+            r.get("selection", "last"),
             r["note"],
         ]
         for r in rows
@@ -531,15 +586,17 @@ def render_reproduction(rows: list[dict[str, Any]], grid: str, protocol: str, fm
     sources = sorted({r["source"] for r in rows})
     if fmt == "md":
         out = [
-            f"### Paper reproduction — {grid} grid, `{protocol}` protocol",
+            f"### Paper reproduction — {grid or ' / '.join(REPRODUCTION_GRIDS)} grid, `{protocol}` protocol",
             "",
             tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
             if body
             else "(no published numbers for this protocol)",
             "",
             "Sources: " + "; ".join(sources) + ". Published numbers are copied from "
-            "../shared/reference notes (harness/published.py); ours are means over seeds of the final "
-            "evaluation under the same-named protocol.",
+            "../shared/reference notes (harness/published.py); ours are means over seeds, under the "
+            "same-named protocol, of the evaluation the Selection column's rule picks (on the val split; "
+            "`idem`: best val x-W2, `bnem`: val E-W2 early stopping, `last`: the final one); Grid says "
+            "which records a cell comes from (`paper` where they exist, else `cpu`).",
         ]
         return "\n".join(out) + "\n"
     cap = f"Paper reproduction, {protocol} protocol. Sources: " + "; ".join(sources)
@@ -547,7 +604,7 @@ def render_reproduction(rows: list[dict[str, Any]], grid: str, protocol: str, fm
         r"\begin{table}[t]",
         r"\centering",
         r"\small",
-        r"\begin{tabular}{lllccccl}",
+        r"\begin{tabular}{lllccccccl}",
         r"\toprule",
         " & ".join(headers) + r" \\",
         r"\midrule",
@@ -567,7 +624,8 @@ def render_reproduction(rows: list[dict[str, Any]], grid: str, protocol: str, fm
 
 
 def write_tables(
-    df: pd.DataFrame, out: Path, grid: str | None = None, protocol: str | None = None
+    df: pd.DataFrame, out: Path, grid: str | None = None, protocol: str | None = None,
+    selection: str = "paper",
 ) -> list[Path]:
     """Write every (grid, protocol) table (+ reproduction tables) under ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -580,16 +638,25 @@ def write_tables(
     for g, pr in sorted(pairs):
         if (grid and g != grid) or (protocol and pr != protocol) or pr not in TABLE_METRICS:
             continue
-        tb = make_table(df, g, pr)
+        tb = make_table(df, g, pr, selection)
         for ext, text in (("md", render_markdown(tb)), ("tex", render_latex(tb))):
             p = out / f"{g}_{pr}.{ext}"
             p.write_text(text)
             written.append(p)
         if published_for(pr):
-            rows = reproduction_rows(df, g, pr)
+            rows = reproduction_rows(df, g, pr, selection)
             for ext in ("md", "tex"):
                 p = out / f"{g}_{pr}_reproduction.{ext}"
                 p.write_text(render_reproduction(rows, g, pr, ext))
+                written.append(p)
+    if grid is None:  # the reproduction table: every cell from paper records where they exist, else cpu
+        for pr in sorted(set(df["protocol"])):
+            if (protocol and pr != protocol) or not published_for(pr):
+                continue
+            rows = reproduction_rows(df, None, pr, selection)
+            for ext in ("md", "tex"):
+                p = out / f"reproduction_{pr}.{ext}"
+                p.write_text(render_reproduction(rows, None, pr, ext))
                 written.append(p)
     return written
 
@@ -603,6 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--grid", default=None, help="only this grid")
     ap.add_argument("--protocol", default=None, help=f"only this protocol ({', '.join(hm.PROTOCOLS)})")
+    ap.add_argument("--selection", default="paper", choices=SELECTIONS,
+                    help="which evaluation of each run the tables show: paper = the rule of the table's "
+                    "protocol's paper (idem: best val x-W2, bnem: val E-W2 early stopping, boltzbench: last)")
     ap.add_argument("--no-figures", action="store_true", help="tables only")
     a = ap.parse_args(argv)
     if a.protocol is not None and a.protocol not in hm.PROTOCOLS:
@@ -616,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{', '.join(sorted(set(df['grid']))) or '(none)'}",
             file=sys.stderr,
         )
-    written = write_tables(df, Path(a.out), a.grid, a.protocol)
+    written = write_tables(df, Path(a.out), a.grid, a.protocol, a.selection)
     if not a.no_figures:
         from harness.figures import write_figures
 

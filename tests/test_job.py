@@ -11,20 +11,20 @@ import pytest
 import torch
 
 from harness import checkpoint as ck
-from harness import job
+from harness import job, scoring
 from harness.records import RunRecord, RunSpec
 
 
 def _fast_metrics(samples, reference, target, protocol, **opts):
     # deterministic stand-in for harness.metrics.evaluate: a function of the samples only
     s = samples[torch.isfinite(samples).all(1)]
-    return {"x_w2": float((s.double().mean(0) - reference.double().mean(0)).norm()),
+    return {"x_w2": float((s.double().mean(0) - reference["test"].double().mean(0)).norm()),
             "e_w2": float(target.energy(s).double().mean())}
 
 
 @pytest.fixture
 def fast_metrics(monkeypatch):
-    monkeypatch.setattr(job, "_evaluate_metrics", _fast_metrics)
+    monkeypatch.setattr(scoring, "evaluate_metrics", _fast_metrics)
 
 
 def _spec(**kw) -> RunSpec:
@@ -197,13 +197,15 @@ def test_grid_metric_options_reach_evaluate(toy_method, results, monkeypatch):
     seen = []
 
     def spy(samples, reference, target, protocol, **opts):
-        seen.append(opts)
+        seen.append((protocol, opts))
         return {}
 
-    monkeypatch.setattr(job, "_evaluate_metrics", spy)
+    monkeypatch.setattr(scoring, "evaluate_metrics", spy)
     job.run_one(_spec(grid="smoke", budget={"steps": 2}, eval_fractions=(1.0,)), results)
     job.run_one(_spec(grid="other", budget={"steps": 2}, eval_fractions=(1.0,)), results)
-    assert seen == [{"n_boot": 0, "n_boot_ot": 0, "noise_floor": False}, {}]
+    smoke = {"n_boot": 0, "n_boot_ot": 0, "noise_floor": False}
+    # one call per protocol per run (the single evaluation is selected, so it keeps the grid's options)
+    assert seen == [(p, smoke) for p in scoring.SCORE_PROTOCOLS] + [(p, {}) for p in scoring.SCORE_PROTOCOLS]
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits(toy_method, fast_metrics, results):
