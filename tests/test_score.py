@@ -342,7 +342,7 @@ def _readme_section() -> str:
 
 def test_readme_example_as_a_new_user(tmp_path):
     """The README's first example, run as written (from a fresh directory, each line its own process):
-    NumPy writes the samples, harness.score scores them; then the Python example."""
+    NumPy writes the samples, harness.score scores them."""
     sec = _readme_section()
     bash = re.search(r"```bash\n(.*?)```", sec, re.S).group(1)
     py = sys.executable
@@ -359,6 +359,13 @@ def test_readme_example_as_a_new_user(tmp_path):
     assert "x-W2" in outs[1] and sha in outs[1] and "1000 generated vs 1000 reference" in outs[1]
     d = json.loads((tmp_path / "my_dw4_scores.json").read_text())
     assert d["protocols"]["idem"]["sizes"]["n_generated"] == 1000
+
+
+def test_readme_python_example_as_a_new_user(tmp_path):
+    """The README's notebook example, run as written in a fresh process and directory."""
+    sec = _readme_section()
+    py = sys.executable
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = re.search(r"```python\n(.*?)```", sec, re.S).group(1)
     r = subprocess.run([py, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
