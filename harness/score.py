@@ -512,7 +512,7 @@ def score(
             refs[p] = t.reference("test", n_ref)
         except (FileNotFoundError, ValueError) as e:
             raise ScoreError(f"{t.name}: reference test split unavailable for {p} at {n_ref} samples ({e}); "
-                             f"see data/README.md (make references)") from e
+                             f"generate it (data/README.md, make references) or pass a smaller --n") from e
     prov = {"test": _reference_info(t, "test"), "val": _reference_info(t, "val")}
     metrics: dict[str, dict[str, float]] = {}
     blocks: dict[str, dict[str, Any]] = {}
@@ -526,7 +526,10 @@ def score(
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            m = dict(hm.evaluate(gen, refs[p], t, p, **opts))
+            try:
+                m = dict(hm.evaluate(gen, refs[p], t, p, **opts))
+            except ValueError as e:  # e.g. a reference split of another origin: nothing is reported
+                raise ScoreError(f"{p}: {e}") from e
         m = {k: float(v) for k, v in m.items()}
         used = (int(m.get("n_generated", n_gen)), int(m.get("n_reference", n_ref)))
         n_al = None
