@@ -6,6 +6,12 @@ method's ``state_dict()``, the method generator's state, torch's global CPU (and
 Python's RNG states (as tensors / lists), the usage counters, the evaluations so far and the spec (as JSON, to
 refuse resuming a different spec).
 
+The checkpoint written before the current one is kept as ``<run_dir>/checkpoint.prev.pt`` (a hard link made
+before the atomic replace, so ``checkpoint.pt`` itself is never missing). ``load_checkpoint_recovering`` never
+leaves a cell stuck on a damaged file: an unreadable checkpoint (truncated by a full disk or a copy, a
+foreign format) is moved aside as ``checkpoint.corrupt-<time>.pt``, named on stderr and in the returned notes
+(which the run's record keeps), and the previous checkpoint is tried, else the cell starts from scratch.
+
 Lock file ``<run_dir>/lock``: a cell is run only while its process holds an exclusive ``fcntl.flock`` on it.
 The kernel releases the lock when the process exits in any way (crash, SIGKILL, node reboot for local
 disks), so a stale lock cannot block a cell; a second process finds the lock held and does not start the
@@ -24,6 +30,7 @@ import json
 import os
 import random
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,7 @@ from harness.env import slurm_info
 from harness.records import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREV_CHECKPOINT_NAME = "checkpoint.prev.pt"
 LOCK_NAME = "lock"
 FORMAT = 1
 
@@ -83,29 +91,99 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` (safe types only) to ``run_dir/checkpoint.pt``."""
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_previous: bool = True) -> Path:
+    """Atomically write ``state`` (safe types only) to ``run_dir/checkpoint.pt``; the checkpoint it replaces
+    is kept as ``checkpoint.prev.pt`` (unless ``keep_previous`` is False)."""
     path = Path(run_dir) / CHECKPOINT_NAME
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
+    if keep_previous and path.exists():
+        prev = path.with_name(PREV_CHECKPOINT_NAME)
+        tmp = path.with_name(f".{PREV_CHECKPOINT_NAME}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            os.link(path, tmp)  # the old inode survives the rename below under the new name
+            os.replace(tmp, prev)
+        except OSError:  # a filesystem without hard links: no previous checkpoint kept
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The checkpoint of a cell, or None if there is none. Loaded with ``weights_only=True``."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    if not path.exists():
-        return None
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     state = torch.load(path, map_location=map_location, weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r} (expected {FORMAT})")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: unsupported checkpoint format {got!r} (expected {FORMAT})")
     return state
 
 
+def load_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The checkpoint of a cell, or None if there is none. Loaded with ``weights_only=True``; an unreadable
+    file raises (``load_checkpoint_recovering`` sets it aside instead)."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    return _read_checkpoint(path, map_location)
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the cell has resume state (the current or the previous checkpoint)."""
+    d = Path(run_dir)
+    return (d / CHECKPOINT_NAME).exists() or (d / PREV_CHECKPOINT_NAME).exists()
+
+
+def load_checkpoint_recovering(
+    run_dir: str | Path, map_location: str | torch.device = "cpu", stream: Any = None
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(state, notes): the newest readable checkpoint of a cell (``checkpoint.pt``, else
+    ``checkpoint.prev.pt``), or None (start from scratch). Each unreadable file is renamed to
+    ``checkpoint.corrupt-<time>[-prev].pt``, reported on ``stream`` (stderr) and described in ``notes``
+    (``file``, ``moved_to``, ``error``, and ``resumed_from``: the file used, or "scratch")."""
+    d = Path(run_dir)
+    notes: list[dict[str, Any]] = []
+    for name in (CHECKPOINT_NAME, PREV_CHECKPOINT_NAME):
+        path = d / name
+        if not path.exists():
+            continue
+        try:
+            state = _read_checkpoint(path, map_location)
+        except Exception as e:  # truncated zip, foreign pickle, wrong format: never fatal
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = d / f"checkpoint.corrupt-{stamp}{'-prev' if name != CHECKPOINT_NAME else ''}.pt"
+            n = 1
+            while aside.exists():
+                aside = aside.with_name(f"{aside.stem}-{n}.pt")
+                n += 1
+            os.replace(path, aside)
+            err = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            notes.append({"file": str(path), "moved_to": str(aside), "error": err})
+            continue
+        if notes:
+            for nt in notes:
+                nt["resumed_from"] = name
+        _report(notes, stream)
+        return state, notes
+    for nt in notes:
+        nt["resumed_from"] = "scratch"
+    _report(notes, stream)
+    return None, notes
+
+
+def _report(notes: list[dict[str, Any]], stream: Any) -> None:
+    for nt in notes:
+        how = ("restarting from scratch" if nt["resumed_from"] == "scratch"
+               else f"resuming from {nt['resumed_from']} (the checkpoint before it)")
+        print(f"warning: checkpoint {nt['file']} is unreadable ({nt['error']}); moved aside to "
+              f"{nt['moved_to']}; {how}", file=stream or sys.stderr, flush=True)
+
+
 def remove_checkpoint(run_dir: str | Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(Path(run_dir) / CHECKPOINT_NAME)
+    for name in (CHECKPOINT_NAME, PREV_CHECKPOINT_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(Path(run_dir) / name)
 
 
 # ------------------------------------------------------------------------------------------------ lock

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ from typing import Any
 import submitit
 
 from harness import checkpoint as ck
+from harness import job as hjob
+from harness import progress as pg
 from harness.job import DONE_STATUSES, RECORD_NAME, SAMPLES_NAME, SPEC_NAME, read_record, run_one, spec_key
 from harness.records import RunRecord, RunSpec
 
@@ -89,26 +92,41 @@ class CellJob(submitit.helpers.Checkpointable):
     record is done) and the interrupted one resumes from its own checkpoint file."""
 
     def __init__(self, plugins: Sequence[str] = (), threads: int | None = None,
-                 checkpoint_every_s: float = 300.0):
+                 checkpoint_every_s: float = 300.0, in_process: bool = False, progress: Any = "auto"):
         self.plugins = tuple(plugins)
         self.threads = threads
         self.checkpoint_every_s = checkpoint_every_s
+        self.in_process = in_process  # debug executor: signals and interrupts belong to the caller
+        self.progress = progress
 
     def __call__(
         self, spec_dict: dict[str, Any] | list[dict[str, Any]], results_root: str
     ) -> str | list[str]:
+        if not self.in_process:  # SIGINT / SIGTERM: checkpoint at the next step boundary, then exit
+            hjob.install_worker_handlers()
         load_plugins(self.plugins)
         items = [spec_dict] if isinstance(spec_dict, dict) else list(spec_dict)
         out = []
         for d in items:
             spec = RunSpec.from_dict(d)
+            sig = hjob.stop_requested()
+            if sig is not None and not self.in_process:
+                print(f"stop requested (signal {sig}): not starting {spec.cell_id} and the cells after it",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(128 + sig)
             try:
                 rec = run_one(
-                    spec, results_root, threads=self.threads, checkpoint_every_s=self.checkpoint_every_s
+                    spec, results_root, threads=self.threads, checkpoint_every_s=self.checkpoint_every_s,
+                    progress=self.progress,
                 )
                 out.append(rec.status)
             except ck.CellBusyError as e:
                 out.append(f"busy: {e}")
+            except hjob.CellInterrupted as e:
+                if self.in_process:
+                    raise
+                print(e.message, file=sys.stderr, flush=True)
+                raise SystemExit(130) from None
         return out[0] if isinstance(spec_dict, dict) else out
 
 
@@ -134,7 +152,7 @@ def cell_state(spec: RunSpec, root: str | Path) -> CellState:
         if spec_key(rec.spec) != spec_key(spec):
             return CellState(spec, "mismatch", "record.json was written for a different spec")
         return CellState(spec, rec.status, rec.stop_reason or "")
-    if (run_dir / ck.CHECKPOINT_NAME).exists():
+    if ck.has_checkpoint(run_dir):
         try:
             ck_spec = json.loads((run_dir / SPEC_NAME).read_text())
         except (OSError, ValueError):
@@ -180,7 +198,8 @@ def prepare(cell: CellState, root: str | Path, force: bool) -> bool:
         with ck.CellLock(run_dir):
             rec = run_dir / RECORD_NAME
             if force and cell.state in ("ok", "diverged", "mismatch", "failed", "timeout", "interrupted"):
-                for name in (RECORD_NAME, SAMPLES_NAME, ck.CHECKPOINT_NAME, SPEC_NAME):
+                for name in (RECORD_NAME, SAMPLES_NAME, ck.CHECKPOINT_NAME, ck.PREV_CHECKPOINT_NAME,
+                             SPEC_NAME, pg.PROGRESS_NAME):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(run_dir / name)
             elif rec.exists():
@@ -249,6 +268,7 @@ class DispatchOptions:
     max_requeues: int = 3
     job_name: str = "boltzbench"
     lost_grace_s: float = 20.0  # a job must be absent from squeue this long before it counts as lost
+    stop_grace_s: float = 120.0  # Ctrl-C / SIGTERM: how long local workers get to checkpoint and exit
     squeue_give_up_s: float = 600.0  # stop waiting (jobs go on) when squeue keeps failing this long
 
 
@@ -271,28 +291,55 @@ class Launch:
 
 # ------------------------------------------------------------------------------------------- progress
 class Progress:
-    """tqdm bar on a terminal; otherwise one line per finished cell."""
+    """Launcher-side progress. On a terminal: a tqdm bar over cells that also advances by the running cells'
+    budget fractions (from their ``progress.json``), its postfix naming the running cells with step, fraction,
+    latest metric and ETA. Otherwise: one line per finished cell, and every ``BOLTZBENCH_PROGRESS_EVERY``
+    seconds (default 30) one line per running cell."""
 
-    def __init__(self, total: int, stream: Any = None, interactive: bool | None = None):
+    def __init__(self, total: int, stream: Any = None, interactive: bool | None = None,
+                 every_s: float | None = None):
         self.stream = stream or sys.stderr
         self.total = total
         self.done = 0
         self.failed = 0
         self.t0 = time.monotonic()
+        self.every_s = pg.log_every_s() if every_s is None else every_s
+        self.last_lines = time.monotonic()
+        self.snaps: dict[str, dict[str, Any]] = {}
         if interactive is None:
             interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
         if interactive and total:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=self.stream, unit="cell", dynamic_ncols=True)
+            fmt = "{l_bar}{bar}| {n:.2f}/{total_fmt} cells [{elapsed}<{remaining}{postfix}]"
+            self.bar = tqdm(total=total, file=self.stream, unit="cell", dynamic_ncols=True, bar_format=fmt)
 
-    def running(self, n: int) -> None:
+    def running(self, n: int, snaps: dict[str, dict[str, Any]] | None = None) -> None:
+        if snaps is not None:
+            self.snaps = snaps
         if self.bar is not None:
-            self.bar.set_postfix_str(f"running {n}, failed {self.failed}")
+            partial = sum(min(1.0, max(0.0, s.get("fraction") or 0.0)) for s in self.snaps.values())
+            self.bar.n = self.done + partial
+            shown = []
+            for cid, snap in list(self.snaps.items())[:2]:
+                short = "/".join(cid.split("/")[1:3])
+                m = snap.get("metric")
+                frac = snap.get("fraction") or 0.0
+                shown.append(f"{short} {100 * min(frac, 1):.0f}%" + (f" {m[0]} {m[1]:.3g}" if m else "")
+                             + f" eta {pg.fmt_seconds(snap.get('eta_s'))}")
+            more = f" +{len(self.snaps) - 2}" if len(self.snaps) > 2 else ""
+            self.bar.set_postfix_str(f"running {n}, failed {self.failed}" + (": " + "; ".join(shown) + more
+                                                                            if shown else ""))
+            self.bar.refresh()
+        elif self.snaps and self.every_s > 0 and time.monotonic() - self.last_lines >= self.every_s:
+            self.last_lines = time.monotonic()
+            for snap in self.snaps.values():
+                print(f"  running {pg.describe(snap)}", file=self.stream, flush=True)
 
     def finished(self, spec: RunSpec, status: str, rec: RunRecord | None) -> None:
         self.done += 1
+        self.snaps.pop(spec.cell_id, None)
         if status not in DONE_STATUSES:
             self.failed += 1
         line = f"[{self.done}/{self.total}] {status:<8} {spec.cell_id}"
@@ -307,11 +354,13 @@ class Progress:
                 line += "  " + " ".join(shown)
             if rec.status not in DONE_STATUSES or rec.status == "diverged":
                 line += f"  ({rec.stop_reason})"
+            if (rec.environment or {}).get("resumed"):
+                line += "  [resumed]"
         elapsed = time.monotonic() - self.t0
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"failed {self.failed}")
+            self.bar.n = self.done + sum(min(1.0, s.get("fraction") or 0.0) for s in self.snaps.values())
+            self.bar.refresh()
         else:
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             print(f"{line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", file=self.stream, flush=True)
@@ -319,6 +368,16 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _running_snapshots(cells: dict[str, RunSpec], root: Path, since: float) -> dict[str, dict[str, Any]]:
+    """progress.json of the listed cells written during this launch and still running."""
+    out = {}
+    for cid, spec in cells.items():
+        snap = pg.read_progress(spec.run_dir(root))
+        if snap and snap.get("state") == "running" and float(snap.get("updated", 0)) >= since:
+            out[cid] = snap
+    return out
 
 
 # ------------------------------------------------------------------------------------------- outcomes
@@ -400,14 +459,25 @@ def launch(
 
 def _run_debug(specs: list[RunSpec], root: Path, opts: DispatchOptions, out: Launch, stream: Any,
                interactive: bool | None) -> Launch:
-    job = CellJob(opts.plugins, opts.threads, opts.checkpoint_every_s)
     prog = Progress(len(specs), stream, interactive)
+    current: dict[str, str] = {}
+
+    def on_progress(snap: dict[str, Any]) -> None:
+        prog.running(1, {current["cell"]: snap})
+
+    job = CellJob(opts.plugins, opts.threads, opts.checkpoint_every_s, in_process=True, progress=on_progress)
+    since = time.time()
     try:
         for s in specs:
+            current["cell"] = s.cell_id
             result = job(s.to_dict(), str(root))
             status, rec = _outcome(s, root)
             out.outcomes[s.cell_id] = status or result
             prog.finished(s, status or result, rec)
+    except KeyboardInterrupt as e:
+        prog.close()
+        signum = getattr(e, "signum", signal.SIGINT)
+        raise LaunchInterrupted(_interrupt_summary(specs, root, out, since, signum), signum) from None
     finally:
         prog.close()
     return out
@@ -423,18 +493,23 @@ def _run_local(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: Cel
         job.threads = max(1, (os.cpu_count() or 1) // n_workers)
     pending: dict[str, tuple[Any, RunSpec, int]] = {}
     workers = []
-    for w in range(n_workers):
-        chunk = specs[w::n_workers]
-        ex.update_parameters(timeout_min=sum(limit(s) for s in chunk), stderr_to_stdout=True)
-        j = ex.submit(job, [s.to_dict() for s in chunk], str(root))
-        workers.append(j)
-        for i, s in enumerate(chunk):
-            pending[s.cell_id] = (j, s, i)
-            out.job_ids[s.cell_id] = j.job_id
+    since = time.time()
+    # workers start with SIGINT ignored: a terminal's Ctrl-C must not kill submitit's controller (it would
+    # SIGKILL the worker a second later); the worker installs its own handlers (checkpoint, then exit)
+    with _sigint_ignored():
+        for w in range(n_workers):
+            chunk = specs[w::n_workers]
+            ex.update_parameters(timeout_min=sum(limit(s) for s in chunk), stderr_to_stdout=True)
+            j = ex.submit(job, [s.to_dict() for s in chunk], str(root))
+            workers.append(j)
+            for i, s in enumerate(chunk):
+                pending[s.cell_id] = (j, s, i)
+                out.job_ids[s.cell_id] = j.job_id
     prog = Progress(len(specs), stream, interactive)
     try:
         while pending:
-            prog.running(sum(1 for j in workers if not j.done()))
+            snaps = _running_snapshots({cid: v[1] for cid, v in pending.items()}, root, since)
+            prog.running(sum(1 for j in workers if not j.done()), snaps)
             time.sleep(min(opts.poll_s, 0.5))
             for cid, (j, s, i) in list(pending.items()):
                 done = j.done()  # before reading the record: a finished worker wrote all it ever will
@@ -453,14 +528,150 @@ def _run_local(specs: list[RunSpec], root: Path, opts: DispatchOptions, job: Cel
                 del pending[cid]
                 out.outcomes[cid] = status
                 prog.finished(s, status, rec)
-    except KeyboardInterrupt:
-        for j in workers:
-            with contextlib.suppress(Exception):
-                j.cancel()
-        raise
+    except KeyboardInterrupt as e:
+        prog.close()
+        signum = getattr(e, "signum", signal.SIGINT)
+        _stop_local_workers(workers, opts.stop_grace_s, stream)
+        raise LaunchInterrupted(_interrupt_summary(specs, root, out, since, signum), signum) from None
     finally:
         prog.close()
     return out
+
+
+# ------------------------------------------------------------------------------------------- interrupts
+class Terminated(KeyboardInterrupt):
+    """Raised in the launcher by its SIGTERM handler (``harness.run``): handled like Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+class LaunchInterrupted(KeyboardInterrupt):
+    """A launch stopped by Ctrl-C or SIGTERM after its workers checkpointed and exited; ``message`` is one
+    line saying what was checkpointed and how to resume."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.message = message
+        self.signum = int(signum)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Any:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (Linux /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        for c in parents.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _signal_quietly(pid: int, sig: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, sig)
+
+
+def _stop_local_workers(workers: Sequence[Any], grace_s: float, stream: Any) -> None:
+    """Ask every live local worker to checkpoint at its next step boundary and exit (SIGTERM to submitit's
+    controller, which forwards it, and to its worker processes; re-sent every 5 s), wait up to ``grace_s``,
+    then SIGKILL what is left (the cells resume from their last checkpoint). A second Ctrl-C or SIGTERM
+    kills at once. Returns when no worker process is left."""
+    import threading
+
+    force = {"now": False}
+
+    def _force(signum: int, frame: Any) -> None:
+        force["now"] = True
+
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, _force)
+    try:
+        procs = [p for p in (getattr(j, "_process", None) for j in workers) if p is not None]
+        t0 = time.monotonic()
+        last_send = -1e9
+        told = False
+        while True:
+            alive = [p for p in procs if p.poll() is None]
+            if not alive:
+                return
+            now = time.monotonic()
+            if force["now"] or now - t0 > grace_s:
+                for p in alive:
+                    for pid in _descendants(p.pid):
+                        _signal_quietly(pid, signal.SIGKILL)
+                    _signal_quietly(p.pid, signal.SIGKILL)
+                for p in alive:
+                    with contextlib.suppress(Exception):
+                        p.wait(timeout=10)
+                return
+            if now - last_send >= 5.0:
+                last_send = now
+                for p in alive:
+                    for pid in [p.pid, *_descendants(p.pid)]:
+                        _signal_quietly(pid, signal.SIGTERM)
+            if not told and now - t0 > 5.0:
+                told = True
+                print(f"waiting for {len(alive)} worker(s) to checkpoint and stop (up to {grace_s:.0f} s; "
+                      "Ctrl-C again to kill them now)", file=stream or sys.stderr, flush=True)
+            time.sleep(0.2)
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _interrupt_summary(specs: Sequence[RunSpec], root: Path, out: Launch, since: float, signum: int) -> str:
+    """One line: the running cells checkpointed (and at which step), how many finished, how to go on."""
+    try:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    saved, finished, waiting = [], 0, 0
+    for s in specs:
+        if s.cell_id in out.outcomes or _outcome(s, root)[0]:
+            finished += 1
+            continue
+        snap = pg.read_progress(s.run_dir(root))
+        if (snap and snap.get("state") == "interrupted" and float(snap.get("updated", 0)) >= since
+                and ck.has_checkpoint(s.run_dir(root))):
+            saved.append(f"{s.cell_id} at step {snap.get('step')}")
+        else:
+            waiting += 1
+    what = "no cell was running"
+    if saved:
+        what = (f"{len(saved)} running cell(s) checkpointed ({', '.join(saved[:3])}"
+                + (f", +{len(saved) - 3} more" if len(saved) > 3 else "") + ")")
+    return (f"interrupted ({name}): {what}; {finished} finished, {waiting} not started; "
+            "every worker has stopped. Re-run the same command to resume.")
 
 
 def _local_result(j: Any, index: int | None = None) -> str:
@@ -529,6 +740,7 @@ def wait_slurm(jobs: dict[str, tuple[Any, RunSpec]], root: Path, opts: DispatchO
                stream: Any = None, interactive: bool | None = None) -> Launch:
     """Poll records and squeue until every submitted cell has an outcome (never calls job.result())."""
     pending = dict(jobs)
+    since = time.time() - 3600.0  # SLURM tasks may have started before this wait (--no-wait, re-attach)
     missing_since: dict[str, float] = {}
     squeue_ok = time.monotonic()
     prog = Progress(len(jobs), stream, interactive)
@@ -577,13 +789,16 @@ def wait_slurm(jobs: dict[str, tuple[Any, RunSpec]], root: Path, opts: DispatchO
                 del pending[cid]
                 out.outcomes[cid] = status
                 prog.finished(s, status, rec)
-            prog.running(n_running)
+            prog.running(n_running, _running_snapshots({c: v[1] for c, v in pending.items()}, root, since))
             if pending:
                 time.sleep(opts.poll_s)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the SLURM jobs keep running and write their own records; "
-              "re-run the same command to wait for them or to resume", file=stream or sys.stderr)
-        raise
+    except KeyboardInterrupt as e:
+        prog.close()
+        ids = ", ".join(sorted({j.job_id.split("_")[0] for j, _ in pending.values()})) or "none"
+        raise LaunchInterrupted(
+            f"interrupted: {len(pending)} cell(s) still queued or running as SLURM job(s) {ids}; they keep "
+            "running and write their own records (scancel them to stop; each checkpoints first). Re-run the "
+            "same command to wait for them or to resume.", getattr(e, "signum", signal.SIGINT)) from None
     finally:
         prog.close()
     return out

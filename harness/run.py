@@ -2,15 +2,18 @@
 
 Everything is validated before anything is submitted; bad input exits with status 2 and a message naming the
 valid choices. Exit status: 0 when every cell is ok or diverged (or there was nothing to do), 1 when a cell
-failed, timed out or was lost, 2 for bad input. See docs/harness.md.
+failed, timed out or was lost, 2 for bad input, 130 / 143 when stopped by Ctrl-C / SIGTERM (after every
+running cell checkpointed; re-running the same command resumes). See docs/harness.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from harness import dispatch, grids
@@ -30,13 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m harness.run",
         description="Run a benchmark grid: every (method, target, seed) cell under a fixed budget, "
         "dispatched through submitit (local processes, SLURM job arrays, or in-process).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Ctrl-C or SIGTERM: every running cell checkpoints at its next step boundary, the workers "
+        "exit, and re-running the same command resumes. In-cell progress: a live bar on a terminal, "
+        "otherwise one line per running cell every BOLTZBENCH_PROGRESS_EVERY seconds (default 30; 0 = off).",
     )
     g = p.add_argument_group("what to run")
-    g.add_argument("--grid", required=True, help=f"grid name: {', '.join(grids.names())}")
-    g.add_argument("--methods", help="comma-separated method keys (default: every registered method)")
-    g.add_argument("--targets", help="comma-separated target keys (default: the grid's targets)")
-    g.add_argument("--seeds", type=int, help="replicates per (method, target) (default: the grid's)")
+    g.add_argument("--grid", metavar="NAME", required=True, help=f"grid name: {', '.join(grids.names())}")
+    g.add_argument("--methods", metavar="M1,M2",
+                   help="comma-separated method keys (default: every registered method)")
+    g.add_argument("--targets", metavar="T1,T2",
+                   help="comma-separated target keys (default: the grid's targets)")
+    g.add_argument("--seeds", metavar="N", type=int,
+                   help="replicates per (method, target) (default: the grid's)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (idem.num_mc_samples=100) or a budget limit "
                    "(budget.steps=500, budget.wall_seconds=none); repeatable; values are parsed with the "
@@ -46,36 +54,42 @@ def build_parser() -> argparse.ArgumentParser:
                    "job, to register extra methods or targets; repeatable")
     r = p.add_argument_group("where and how")
     r.add_argument("--executor", default="auto", choices=dispatch.EXECUTORS,
-                   help="auto = slurm if a SLURM controller answers, else local; "
-                   "debug = in-process, sequential")
+                   help="auto (default) = slurm if a SLURM controller answers `scontrol ping`, else local; "
+                   "debug = in-process, sequential; --dry-run says what auto resolves to")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto = cuda when available (SLURM: when GPUs are requested), else cpu")
-    r.add_argument("--results", default=DEFAULT_RESULTS, help="results root (records, samples, checkpoints)")
-    r.add_argument("--jobs", type=int, default=None,
+                   help="auto (default) = cuda when available (SLURM: when GPUs are requested), else cpu")
+    r.add_argument("--results", metavar="DIR", default=DEFAULT_RESULTS,
+                   help=f"results root: records, samples, checkpoints (default: {DEFAULT_RESULTS})")
+    r.add_argument("--jobs", metavar="N", type=int, default=None,
                    help="local executor: worker processes running cells in parallel (default: CPU cores)")
-    r.add_argument("--threads", type=int, default=None,
+    r.add_argument("--threads", metavar="N", type=int, default=None,
                    help="torch threads per cell (default: local: cores / jobs; SLURM: --cpus-per-task)")
     r.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
-                   help="wall-clock seconds between periodic checkpoints (also at every evaluation)")
-    r.add_argument("--dry-run", action="store_true", help="print the cells and their state; run nothing")
+                   help="wall-clock seconds between periodic checkpoints (default: 300; also at every "
+                   "evaluation and on Ctrl-C / SIGTERM)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the cells, their state and budgets, the resolved executor, totals (cells, "
+                   "summed budget caps, core-hours) and cells that cannot be scored; run nothing")
     r.add_argument("--force", action="store_true",
                    help="re-run done cells too (their record, samples and checkpoint are discarded)")
-    w = r.add_mutually_exclusive_group()
-    w.add_argument("--wait", dest="wait", action="store_true", default=True,
-                   help="wait for the cells and show progress")
-    w.add_argument("--no-wait", dest="wait", action="store_false",
-                   help="SLURM: exit after submitting (each task writes its own record)")
+    r.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="wait for the cells and show progress (the default); --no-wait (SLURM only): exit "
+                   "after submitting, each task writes its own record")
     s = p.add_argument_group("SLURM")
-    s.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    s.add_argument("--partition", metavar="NAME", help="SLURM partition (default: the cluster's default)")
     s.add_argument("--time", type=int, metavar="MINUTES",
                    help="time limit per task (default: 1.25 x the cell's wall-clock budget + 10 min, or the "
                    "grid's); timed-out tasks are requeued and resume")
-    s.add_argument("--gpus-per-task", type=int, default=None,
+    s.add_argument("--gpus-per-task", metavar="N", type=int, default=None,
                    help="GPUs per task (default 0; 1 with --device cuda); no GPU flag is sent when 0")
-    s.add_argument("--cpus-per-task", type=int, default=1, help="CPUs per task (= torch threads)")
-    s.add_argument("--mem-gb", type=float, default=2.0, help="memory per task in GB")
-    s.add_argument("--array-parallelism", type=int, default=64, help="max tasks of an array running at once")
-    s.add_argument("--max-requeues", type=int, default=3, help="requeues allowed after timeouts")
+    s.add_argument("--cpus-per-task", metavar="N", type=int, default=1,
+                   help="CPUs per task (= torch threads; default: 1)")
+    s.add_argument("--mem-gb", metavar="GB", type=float, default=2.0,
+                   help="memory per task in GB (default: 2)")
+    s.add_argument("--array-parallelism", metavar="N", type=int, default=64,
+                   help="max tasks of an array running at once (default: 64)")
+    s.add_argument("--max-requeues", metavar="N", type=int, default=3,
+                   help="requeues allowed after timeouts (default: 3)")
     s.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch option, e.g. --slurm-opt account=myproj --slurm-opt qos=low; "
                    "repeatable")
@@ -149,6 +163,81 @@ def _parse_slurm_opts(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None, stream=None) -> int:
+    try:
+        return _main(argv, stream)
+    except dispatch.LaunchInterrupted as e:
+        print(e.message, file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:  # before anything was submitted, or an in-process (debug) cell
+        msg = getattr(e, "message", "") or "interrupted before any cell was submitted; nothing to resume"
+        print(f"interrupted: {msg}", file=sys.stderr, flush=True)
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise dispatch.Terminated()
+
+
+def _executor_note(requested: str, resolved: str) -> str:
+    if requested != "auto":
+        return resolved
+    why = ("a SLURM controller answers `scontrol ping`" if resolved == "slurm"
+           else "no SLURM controller answers")
+    return f"auto -> {resolved} ({why}; pass --executor local/slurm to choose)"
+
+
+def _totals(ex: grids.Expansion, cells: list, executor: str, threads: int) -> str:
+    """Totals of the cells to run: count, summed budget caps and core-hours of training (wall cap x
+    threads per cell; evaluations come on top)."""
+    n = len(cells)
+    wall = [c.spec.budget.get("wall_seconds") for c in cells]
+    capped = [w for w in wall if w]
+    steps = sum(c.spec.budget.get("steps") or 0 for c in cells)
+    evals = sum(c.spec.budget.get("energy_evals") or 0 for c in cells)
+    parts = [f"{n} cell(s) to run"]
+    if capped:
+        h = sum(capped) / 3600.0
+        parts.append(f"summed wall-clock caps {h:.2f} h ({h * threads:.2f} core-hours at {threads} "
+                     f"thread(s) per cell)" + (f"; {n - len(capped)} cell(s) without a wall-clock cap"
+                                               if len(capped) < n else ""))
+    if steps:
+        parts.append(f"summed step caps {steps:,}")
+    if evals:
+        parts.append(f"summed energy-evaluation caps {evals:.3g}")
+    return "totals: " + "; ".join(parts)
+
+
+def _unscorable(cells: list) -> list[str]:
+    """Cells whose own protocol cannot score them (a reference smaller than the evaluation size), one line
+    per reason: "N cell(s) (a, b, ...): reason"."""
+    try:
+        from harness import scoring
+
+        check = scoring.check_scorable
+    except (ImportError, AttributeError):
+        return []
+    seen: dict[tuple, str | None] = {}
+    groups: dict[str, list[str]] = {}
+    for c in cells:
+        s = c.spec
+        key = (s.target, s.protocol, s.n_eval_samples)
+        if key not in seen:
+            try:
+                seen[key] = check(s)
+            except Exception as e:  # never fatal for the listing
+                seen[key] = f"could not check ({type(e).__name__}: {e})"
+        reason = seen[key]
+        if reason:
+            reason = reason.split("cannot be scored under its protocol: ", 1)[-1]
+            groups.setdefault(reason, []).append(s.cell_id)
+    out = []
+    for reason, ids in groups.items():
+        shown = ", ".join(ids[:4]) + (f", +{len(ids) - 4} more" if len(ids) > 4 else "")
+        out.append(f"{len(ids)} cell(s) ({shown}): {reason}")
+    return out
+
+
+def _main(argv: list[str] | None = None, stream=None) -> int:
     args = build_parser().parse_args(argv)
     out = stream or sys.stdout
     try:
@@ -163,7 +252,7 @@ def main(argv: list[str] | None = None, stream=None) -> int:
         if args.mem_gb <= 0 or args.max_requeues < 0 or args.checkpoint_every < 0:
             raise ValueError("--mem-gb must be > 0, --max-requeues and --checkpoint-every >= 0")
         dispatch.load_plugins(args.plugin)
-        executor = resolve_executor(args.executor) if not args.dry_run or args.executor != "auto" else "local"
+        executor = resolve_executor(args.executor)
         if not args.wait and executor != "slurm" and not args.dry_run:
             raise ValueError("--no-wait needs the slurm executor (local and debug cells run in this "
                              "process's children)")
@@ -186,6 +275,16 @@ def main(argv: list[str] | None = None, stream=None) -> int:
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     print(f"{len(ex.specs)} cells ({summary}); results in {root}", file=out)
     mismatched = pl.by_state("mismatch")
+    unscorable = _unscorable(pl.to_run)
+    if unscorable:
+        print("warning: cells that cannot be scored under their protocol (they are refused when they "
+              "start; fix the reference or the sample size first):", file=out)
+        for line in unscorable:
+            print(f"  {line}", file=out)
+    n_jobs = args.jobs or (os.cpu_count() or 1)
+    n_par = max(1, min(n_jobs, len(pl.to_run) or 1))
+    per_cell = args.threads or (args.cpus_per_task if executor == "slurm"
+                                else max(1, (os.cpu_count() or 1) // n_par))
     if args.dry_run:
         for c in pl.cells:
             s = c.spec
@@ -196,8 +295,9 @@ def main(argv: list[str] | None = None, stream=None) -> int:
                   f"budget[{', '.join(f'{k}={v}' for k, v in s.budget.items())}] "
                   f"({ex.budget_sources[(s.target, s.method)]}) time={ex.time_limit_min(s)}min"
                   + (f"  config{s.config}" if s.config else ""), file=out)
+        print(_totals(ex, pl.to_run, executor, per_cell), file=out)
         print(f"dry run: would run {len(pl.to_run)} cell(s) with executor "
-              f"{executor if args.executor != 'auto' else 'auto'}", file=out)
+              f"{_executor_note(args.executor, executor)}", file=out)
         return 0
     if mismatched and not args.force:
         for c in mismatched[:10]:
@@ -212,7 +312,7 @@ def main(argv: list[str] | None = None, stream=None) -> int:
         return 0
     opts = dispatch.DispatchOptions(
         executor=executor,
-        jobs=args.jobs or (os.cpu_count() or 1),
+        jobs=n_jobs,
         threads=args.threads,
         wait=args.wait,
         plugins=tuple(args.plugin),
@@ -227,9 +327,16 @@ def main(argv: list[str] | None = None, stream=None) -> int:
         max_requeues=args.max_requeues,
         job_name=f"bb-{args.grid}",
     )
-    print(f"running {len(todo)} cell(s) with the {executor} executor"
-          + (f" ({opts.jobs} in parallel)" if executor == "local" else ""), file=out, flush=True)
-    result = dispatch.launch(todo, root, opts, ex.time_limit_min, force=args.force)
+    print(f"running {len(todo)} cell(s) with the {_executor_note(args.executor, executor)} executor"
+          + (f" ({min(opts.jobs, len(todo))} in parallel)" if executor == "local" else ""),
+          file=out, flush=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        result = dispatch.launch(todo, root, opts, ex.time_limit_min, force=args.force)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     if result.skipped_running:
         print(f"{len(result.skipped_running)} cell(s) started elsewhere meanwhile; skipped", file=out)
     if executor == "slurm" and not args.wait:
