@@ -42,6 +42,9 @@ from harness.budget import Budget
 from harness.records import RunSpec
 
 GRID_SEED = 0
+#: evaluation points (budget fractions) of every grid but smoke: 10 log-spaced points from 3 % to 100 %, so
+#: the val-split selection rules have checkpoints to choose from and time-to-quality curves have resolution
+LOG_EVAL_FRACTIONS: tuple[float, ...] = (0.03, 0.044, 0.065, 0.097, 0.143, 0.21, 0.311, 0.459, 0.677, 1.0)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Grid:
     method_budgets: bool = True
     budget_grid: str | None = None  # which grid name to ask methods for budgets (default: own name)
     preset_grids: tuple[str, ...] | None = None  # method preset names merged in order (default: own name)
-    eval_fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
+    eval_fractions: tuple[float, ...] = LOG_EVAL_FRACTIONS
     n_eval_samples: int | None = None  # None: the protocol's sizes
     protocol: str = "boltzbench"
     time_limit_min: int = 60  # default SLURM time limit per cell when the budget has no wall-clock limit
