@@ -36,6 +36,8 @@ Python: ``score(samples_or_paths, target, protocol="all", ...) -> ScoreResult`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import io
@@ -434,6 +436,14 @@ def _collect(samples: Any, key: str | None, t: Any) -> tuple[np.ndarray, list[di
     return x, files
 
 
+def _references_used(t: Any, protocol: str, noise_floor: bool) -> dict[str, Any]:
+    """split -> provenance and the metrics computed against it (``harness.metrics.references_used``)."""
+    from harness import metrics as hm
+
+    f = getattr(hm, "references_used", None)
+    return f(t, protocol, noise_floor) if f is not None else {}
+
+
 def _reference_info(t: Any, split: str) -> dict[str, Any]:
     try:
         return dict(t.reference_info(split))
@@ -508,8 +518,10 @@ def score(
     # reference splits, loaded before scoring so that a missing one stops everything
     refs: dict[str, Any] = {}
     for p, (_, n_ref, _) in plan.items():
-        try:
-            refs[p] = t.reference("test", n_ref)
+        try:  # both splits, as harness.scoring passes them (an absent val: evaluate's val_fallback)
+            refs[p] = {"test": t.reference("test", n_ref)}
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                refs[p]["val"] = t.reference("val", n_ref)
         except (FileNotFoundError, ValueError) as e:
             raise ScoreError(f"{t.name}: reference test split unavailable for {p} at {n_ref} samples ({e}); "
                              f"generate it (data/README.md, make references) or pass a smaller --n") from e
@@ -544,6 +556,7 @@ def score(
                       "non_standard": used != std, "x_w2_aligned": n_al},
             "splits": {k: hm.metric_split(p, k) for k in ("x_w2", "e_w2", "tv")},
             "reference": prov,
+            "references_used": _references_used(t, p, bool(opts.get("noise_floor", True))),
             "options": opts,
             "warnings": [str(w.message) for w in caught],
             "seconds": time.perf_counter() - t0,
@@ -647,11 +660,23 @@ def add_to_results(
     env["external"] = True
     buf = io.BytesIO()
     np.savez(buf, samples=result.samples[:MAX_SAVED_SAMPLES].astype(np.float32))
+    extra: dict[str, Any] = {}
+    if "scoring" in {f.name for f in dataclasses.fields(RunRecord)}:  # schema 2: as harness.scoring writes
+        extra["scoring"] = {
+            "scored_at": now,
+            "protocols": {p: {"references": result.blocks[p]["references_used"],
+                              "sizes": [result.blocks[p]["sizes"]["n_generated"],
+                                        result.blocks[p]["sizes"]["n_reference"]]}
+                          for p in result.protocols},
+            "test_reference": test,
+            "splits": result.blocks[primary]["reference"],
+        }
     rec = RunRecord(
         spec=spec, status="ok", stop_reason="external samples", usage=usage, evaluations=[entry],
         config={"external": True, "label": name}, reference=reference,
         environment=env,
         diagnostics={"external": external}, samples_file="samples.npz", started_at=now, finished_at=now,
+        **extra,
     )
     atomic_write_bytes(d / "samples.npz", buf.getvalue())
     rec.write(d / "record.json")

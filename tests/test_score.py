@@ -293,6 +293,9 @@ def test_add_to_writes_an_external_record_that_the_tables_and_timing_show(capsys
     assert ext["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest() and ext["n_rows"] == 60
     assert rec.reference["sha256"] == targets.get("dw4").reference_info("test")["sha256"]
     assert rec.usage == {"energy_evals": 12345} and (path.parent / "samples.npz").exists()
+    if hasattr(rec, "scoring"):  # schema 2: per-protocol reference provenance, as harness.scoring writes it
+        assert set(rec.scoring["protocols"]) == set(hm.PROTOCOLS)
+        assert rec.scoring["test_reference"]["sha256"] == rec.reference["sha256"]
     # the same label again: refused unless --force
     rc, out, err = _cli(capsys, *argv)
     assert rc == 2 and "exists" in err and "--force" in err
