@@ -288,3 +288,50 @@ def test_ema_network_is_the_moving_average_and_drives_sampling():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="ema_decay"):
         Config.for_target("gmm40", ema_decay=1.5)
+
+
+def test_lr_plateau_cuts_the_rate_after_patience_checks_on_the_val_loss(monkeypatch):
+    """DEM's ReduceLROnPlateau: the DEM loss on val-split rows, checked every ``plateau_check_steps``."""
+    m, ct = _make("dw4", lr=1e-3, lr_plateau=True, plateau_factor=0.5, plateau_patience=1,
+                  plateau_check_steps=2, plateau_val_size=8, steps_per_epoch=100)
+    splits = []
+    real = ct.target.reference
+
+    def spy(split="test", n=None, source=None):
+        splits.append(split)
+        return real(split, n, source)
+
+    monkeypatch.setattr(ct.target, "reference", spy)
+    losses = iter([3.0, 2.0, 2.5, 2.5, 2.5, 2.5])
+    real_val = m.val_loss
+    monkeypatch.setattr(m, "val_loss", lambda: (real_val(), next(losses))[1])
+    lrs = []
+    for _ in range(12):
+        logs = m.train_step()
+        if "lr" in logs:
+            lrs.append(logs["lr"])
+    # improvements at checks 1-2; 2.5 is worse: after 1 more bad check (patience 1) the rate halves, again
+    assert lrs == [1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+    assert splits and set(splits) == {"val"}  # never the test split
+    # the scheduler's state is part of the checkpoint
+    s = m.state_dict()
+    m2, _ = _make("dw4", seed=5, lr_plateau=True, plateau_factor=0.5, plateau_patience=1,
+                  plateau_check_steps=2, plateau_val_size=8)
+    m2.load_state_dict(s)
+    assert m2.plateau.state_dict() == m.plateau.state_dict()
+
+
+def test_lr_plateau_off_leaves_a_seeded_run_unchanged_and_val_loss_counts_evaluations():
+    a, _ = _make("dw4", seed=3)
+    b, ct = _make("dw4", seed=3, lr_plateau=True, plateau_check_steps=10**6)
+    for _ in range(3):
+        a.train_step()
+        b.train_step()
+    assert torch.equal(_params(a), _params(b))
+    before = ct.usage.grad_evals
+    v = b.val_loss()
+    assert math.isfinite(v) and ct.usage.grad_evals - before == b.config.plateau_val_size * 8  # B·K (K=8)
+    with pytest.raises(ValueError, match="plateau_factor"):
+        Config.for_target("dw4", plateau_factor=1.5)
+    assert Config.preset("paper", "dw4")["lr_plateau"]
+    assert Config.preset("paper", "lj55")["plateau_check_steps"] == 500
