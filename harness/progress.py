@@ -34,7 +34,7 @@ PROGRESS_NAME = "progress.json"
 ENV_EVERY = "BOLTZBENCH_PROGRESS_EVERY"
 DEFAULT_LOG_EVERY_S = 30.0
 #: metrics shown, in order of preference (the first finite one of the latest evaluation)
-SHOWN_METRICS = ("x_w2", "e_w2", "tv", "dist_w2")
+SHOWN_METRICS = ("x_w2", "e_w2", "tv", "dist_w2", "val_x_w2", "val_e_w2")
 
 
 def log_every_s(default: float = DEFAULT_LOG_EVERY_S) -> float:
@@ -183,10 +183,9 @@ class CellProgress:
 
     def evaluated(self, entry: dict[str, Any]) -> None:
         """After an evaluation: remember its headline metric and report it at once."""
+        # the test-split metrics if scored already, else the val-split (selection) metrics of the run
         m = latest_metric(entry.get("metrics")) or latest_metric(entry.get("val"))
         if m is not None:
-            if not entry.get("metrics") and entry.get("val"):
-                m = (f"val {m[0]}", m[1])  # the val-split (selection) metric scored during the run
             self.metric, self.metric_at = m, entry.get("fraction")
         self._emit(force=True)
 

@@ -71,18 +71,21 @@ class MethodConfig:
         """The valid range of field ``name`` (None: not range-checked)."""
         return cls.RANGES.get(name, FIELD_RANGES.get(name))
 
+    @classmethod
+    def _check_range(cls, name: str, v: Any) -> None:
+        r = cls.field_range(name)
+        if r is None or v is None or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
+            return
+        if not r.contains(v):
+            raise ValueError(f"{_config_name(cls)}.{name} = {v!r} is out of range; "
+                             f"valid range: {name} {r.describe()}")
+
     def check_ranges(self) -> None:
         """Raise ``ValueError`` if a numeric field lies outside its declared range (``FIELD_RANGES`` and the
         class's ``RANGES``) or a declared ordered pair (``sigma_min < sigma_max``, ...) is out of order."""
         qn = _config_name(type(self))
         for name in self.field_names():
-            r = self.field_range(name)
-            v = getattr(self, name)
-            if r is None or v is None or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
-                continue
-            if not r.contains(v):
-                raise ValueError(f"{_config_name(type(self))}.{name} = {v!r} is out of range; "
-                                 f"valid range: {name} {r.describe()}")
+            self._check_range(name, getattr(self, name))
         names = set(self.field_names())
         for lo_name, hi_name in ORDERED_PAIRS:
             if lo_name in names and hi_name in names:
@@ -106,6 +109,8 @@ class MethodConfig:
                     f"{type(self).__qualname__}.{k} expects {_hint_name(hints[k])}, "
                     f"got {v!r} ({type(v).__name__})"
                 )
+        for k, v in overrides.items():  # before the class's own __post_init__ checks: name the range
+            self._check_range(k, v)
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
