@@ -322,8 +322,17 @@ def expand(
     planned = list(methods_pkg.PLANNED) + [m for m in registered if m not in methods_pkg.PLANNED]
     if methods:
         for m in methods:
+            base, variant = methods_pkg.split_key(m)
+            if variant is not None and base in registered:
+                if m not in methods_pkg.variants():
+                    valid = ", ".join(methods_pkg.variants()) or "(none)"
+                    raise ValueError(f"unknown variant {m!r}; valid variants: {valid}")
+                continue
             if m not in planned:
-                raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(planned)}")
+                raise ValueError(
+                    f"unknown method {m!r}; valid methods: {', '.join(planned)}; "
+                    f"variants: {', '.join(methods_pkg.variants())}"
+                )
             if m not in registered:
                 raise ValueError(
                     f"method {m!r} is planned but not implemented yet; "
@@ -359,6 +368,10 @@ def expand(
             M = methods_pkg.get(m)
             cli = typed_method_overrides(M, raw_method.get(m, {}))
             cfg_over: dict[str, Any] = {}
+            variant = methods_pkg.split_key(m)[1]
+            if variant is not None:  # the published configuration behind a number (MethodConfig.VARIANTS);
+                # the grid's presets still apply over it (cpu: the cost settings K, batch, widths, SDE grid)
+                cfg_over.update(M.Config.variant(variant, t))
             for p in preset_names:
                 cfg_over.update(M.Config.preset(p, t))
             cfg_over.update(cli)

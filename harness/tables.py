@@ -88,7 +88,9 @@ def method_display(key: str) -> str:
     try:
         import methods
 
-        return methods.get(key).display_name
+        base, variant = methods.split_key(key)
+        name = methods.get(base).display_name
+        return f"{name} ({variant})" if variant else name
     except Exception:
         return key
 
@@ -191,6 +193,12 @@ def expected_cells(grid: str, df: pd.DataFrame) -> tuple[list[str], list[str], i
     ext = df[df["method"].map(is_external)] if not df.empty else df
     tg = list(dict.fromkeys([*tg, *(sorted(ext["target"].unique()) if not ext.empty else [])]))
     mt = [m for m in _order(mt, METHOD_ORDER) if not is_external(m)]
+    # named variants (``bnem@published``) found in the records: right after their method
+    found = sorted(df["method"].unique()) if not df.empty else []
+    for v in (k for k in found if "@" in k and not is_external(k) and k not in mt):
+        base = v.split("@", 1)[0]
+        at = [i for i, m in enumerate(mt) if m == base or m.startswith(base + "@")]
+        mt.insert((max(at) if at else len(mt) - 1) + 1, v)
     mt += sorted(ext["method"].unique()) if not ext.empty else []
     return _order(tg, TARGET_ORDER), mt, reps
 

@@ -38,6 +38,21 @@ class MethodConfig:
     PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
     #: suggested budgets: grid name -> target key (or "*") -> Budget fields; the harness may override them
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    #: named variants: the configuration behind a published number where the code that produced it departs
+    #: from its paper (or from our corrected default). variant -> {"description": ..., "source": the published
+    #: file(s), "overrides": {target key or "*": config overrides}}. Selected as method key ``NAME@VARIANT``
+    #: (e.g. ``bnem@published``); applied before the grid presets (so the cpu grid keeps its cost settings)
+    #: and ``--set``.
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def variant(cls, name: str, target_name: str) -> dict[str, Any]:
+        """Config overrides of variant ``name`` for a target; an unknown name lists the valid ones."""
+        if name not in cls.VARIANTS:
+            valid = ", ".join(cls.VARIANTS) or "(none)"
+            raise ValueError(f"unknown variant {name!r} of {_config_name(cls)}; valid variants: {valid}")
+        o = cls.VARIANTS[name].get("overrides", {})
+        return {**o.get("*", {}), **o.get(target_name, {})}
 
     @classmethod
     def preset(cls, grid: str, target_name: str) -> dict[str, Any]:

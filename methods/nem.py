@@ -34,7 +34,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -350,6 +350,27 @@ class NEMConfig(MethodConfig):
             ),
         },
     }
+    #: the configurations behind the published numbers (MethodConfig.VARIANTS; docs/reproduction.md)
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "published": {
+            "description": "the HEAD code's per-particle log-mean-exp estimator and per-particle loss",
+            "source": "tonyauyeung/BNEM dem/models/nem_module.py (energy_estimator, get_loss) since "
+            "2283a53 / f632e13 (2024-09-07); bnem-reference-code.md §1.1, §1.5",
+            "overrides": {"dw4": dict(per_particle=True), "lj13": dict(per_particle=True),
+                          "lj55": dict(per_particle=True)},
+        },
+        "poster": {
+            "description": "the 2024 configuration behind the ML4PS poster (σ_min 0.01, K 1000, sampler "
+            "clip 50, t0 weight 0.1, GMM 1000 SDE steps; per-particle estimator on DW-4)",
+            "source": "tonyauyeung/BNEM configs/model/endem.yaml at af2c1bb (2024-12-07) and the 2024 "
+            "*_idem experiments; bnem-reference-code.md §5",
+            "overrides": {
+                "*": dict(sigma_min=0.01, n_mc=1000, max_score_norm=50.0, t0_weight=0.1),
+                "gmm40": dict(sde_steps=1000),
+                "dw4": dict(per_particle=True),
+            },
+        },
+    }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"*": dict(steps=6)},
         # cpu (1 thread, quiet CPU, docs/nem.md): GMM-40 20k steps (~0.03 s/step NEM, 0.06 BNEM stage 1:
@@ -372,6 +393,14 @@ class BNEMConfig(NEMConfig):
     t0_weight: float = 0.5
     bootstrap_mc: int = 80  # M teacher draws (K − M exact terms are mixed in)
     bootstrap_start_step: int = 50_000  # NEM stage length; the code switches by early stopping (see docs)
+    # "step": bootstrap from ``bootstrap_start_step`` (ours, deterministic); "plateau": as the published
+    # code's MultiEarlyStopping (configs/callbacks/bootstrap.yaml: monitor energy_loss, patience 5): every
+    # ``switch_check_steps`` (check_val_every_n_epoch 10 × 100 steps) the mean NEM energy loss since the
+    # last check is compared with the best so far; after ``switch_patience`` checks without improvement
+    # bootstrapping starts (``bootstrap_start_step`` is then ignored)
+    bootstrap_switch: Literal["step", "plateau"] = "step"
+    switch_patience: int = 5
+    switch_check_steps: int = 1000
     boot_sigma_min: float = 1e-3
     boot_sigma_max: float = 6.0
     boot_variance: float = 0.1
@@ -408,6 +437,35 @@ class BNEMConfig(NEMConfig):
         },
     }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = NEMConfig.BUDGETS
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "published": {
+            "description": "the HEAD code: per-particle estimator and loss; bootstrapping starts when the "
+            "training energy loss plateaus (MultiEarlyStopping, patience 5 checks every 10 epochs) instead "
+            "of at a fixed step; stopping on val E-W2 is the `bnem` selection rule",
+            "source": "tonyauyeung/BNEM dem/models/nem_module.py, dem/callbacks/earlystop.py, "
+            "configs/callbacks/bootstrap.yaml; bnem-reference-code.md §1.1, §2",
+            "overrides": {
+                "*": dict(bootstrap_switch="plateau", switch_patience=5, switch_check_steps=1000),
+                "dw4": dict(per_particle=True),
+                "lj13": dict(per_particle=True),
+                "lj55": dict(per_particle=True, switch_check_steps=5000),
+            },
+        },
+        "poster": {
+            "description": "the 2024 configuration behind the ML4PS poster (σ_min 0.001, K 100, M 80, "
+            "sampler clip 70, t0 weight 0.5, bootstrap σ 0.001-6.0 var 0.1, GMM 1000 SDE steps; "
+            "per-particle estimator on DW-4; plateau switch)",
+            "source": "tonyauyeung/BNEM configs/model/endem_bootstrap.yaml at af2c1bb (2024-12-07); "
+            "bnem-reference-code.md §5",
+            "overrides": {
+                "*": dict(sigma_min=1e-3, n_mc=100, bootstrap_mc=80, max_score_norm=70.0, t0_weight=0.5,
+                          boot_sigma_min=1e-3, boot_sigma_max=6.0, boot_variance=0.1,
+                          bootstrap_switch="plateau", switch_patience=5, switch_check_steps=1000),
+                "gmm40": dict(sde_steps=1000),
+                "dw4": dict(per_particle=True),
+            },
+        },
+    }
 
 
 # ============================================================================ the methods
@@ -657,11 +715,35 @@ class BNEM(NEM):
         self.splits = bootstrap_time_splits(
             config.boot_sigma_min, config.boot_sigma_max, config.boot_variance
         )
+        # the plateau switch's state (bootstrap_switch="plateau")
+        self.switch_step: int | None = None
+        self.plateau_best, self.plateau_bad = math.inf, 0
+        self.plateau_sum, self.plateau_n = 0.0, 0
 
     @property
     def stage(self) -> int:
         """0: plain NEM; 1: bootstrapping."""
+        if self.config.bootstrap_switch == "plateau":
+            return int(self.switch_step is not None)
         return int(self.step >= self.config.bootstrap_start_step)
+
+    def train_step(self) -> dict[str, float]:
+        logs = super().train_step()
+        c = self.config
+        if c.bootstrap_switch == "plateau" and self.switch_step is None:
+            self.plateau_sum += logs["energy_loss"]
+            self.plateau_n += 1
+            if self.step % c.switch_check_steps == 0:
+                mean = self.plateau_sum / self.plateau_n
+                self.plateau_sum, self.plateau_n = 0.0, 0
+                if mean < self.plateau_best:  # EarlyStopping(mode=min, min_delta=0)
+                    self.plateau_best, self.plateau_bad = mean, 0
+                else:
+                    self.plateau_bad += 1
+                    if self.plateau_bad >= c.switch_patience:
+                        self.switch_step = self.step
+                logs["switch_check_loss"] = mean
+        return logs
 
     def _lambda(self, sigma: Tensor) -> Tensor:
         return sigma**2 + self.config.lambda_eps
@@ -716,9 +798,24 @@ class BNEM(NEM):
 
     def diagnostics(self) -> dict[str, float]:
         d = {**super().diagnostics(), "stage": float(self.stage)}
+        if self.switch_step is not None:
+            d["bootstrap_switch_step"] = float(self.switch_step)
         if self.last_accept_rate == self.last_accept_rate:  # not NaN: at least one bootstrap-stage batch
             d["bootstrap_accept_rate"] = self.last_accept_rate
         return d
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "stage": self.stage}
+        return {
+            **super().state_dict(),
+            "stage": self.stage,
+            "switch": [-1 if self.switch_step is None else self.switch_step, self.plateau_best,
+                       self.plateau_bad, self.plateau_sum, self.plateau_n],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "switch" in state:
+            sw, best, bad, tot, n = state["switch"]
+            self.switch_step = None if int(sw) < 0 else int(sw)
+            self.plateau_best, self.plateau_bad = float(best), int(bad)
+            self.plateau_sum, self.plateau_n = float(tot), int(n)

@@ -435,3 +435,75 @@ def test_eval_grid_and_ema_options_of_sample():
     assert torch.equal(x, outs[0]) and not torch.equal(x, outs[1])
     with pytest.raises(ValueError, match="eval_sde_steps"):
         _make(NEM, "gmm40", eval_sde_steps=0)
+
+
+# ------------------------------------------------------------------ published variants
+def test_plateau_switch_starts_bootstrapping_after_patience_checks_without_improvement(monkeypatch):
+    """bnem@published: MultiEarlyStopping on the training energy loss (mean over each check window)."""
+    m, _ = _make(BNEM, "dw4", bootstrap_switch="plateau", switch_patience=1, switch_check_steps=2)
+    losses = iter([3.0, 3.0, 2.0, 2.0, 2.5, 2.5, 9.0, 9.0])
+    real = NEM.train_step
+
+    def fake(self):
+        logs = real(self)
+        logs["energy_loss"] = next(losses)
+        return logs
+
+    monkeypatch.setattr(NEM, "train_step", fake)
+    stages = []
+    for _ in range(8):
+        m.train_step()
+        stages.append(m.stage)
+    # checks at steps 2 (3.0, best), 4 (2.0, best), 6 (2.5: one bad check = patience 1 -> switch)
+    assert stages == [0, 0, 0, 0, 0, 1, 1, 1] and m.switch_step == 6
+    assert m.diagnostics()["bootstrap_switch_step"] == 6.0
+    m2, _ = _make(BNEM, "dw4", bootstrap_switch="plateau", switch_patience=1, switch_check_steps=2)
+    m2.load_state_dict(m.state_dict())
+    assert m2.switch_step == 6 and m2.stage == 1 and m2.plateau_best == 2.0
+
+
+def test_per_particle_variant_is_the_published_factorised_formula():
+    """nem@published's target Σ_i −log mean_k exp(−E_i(x_k)) against a direct implementation."""
+    tgt = targets.get("lj13")
+    x = _lattice(tgt, 4, spacing=1.1, noise=0.2)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    K, sigma = 64, 0.05
+    est, _ = noised_energy_mc(lambda y: particle_energy_columns(tgt, y), x, sigma, K, g1)
+    eps = torch.randn(4, K, tgt.dim, generator=g2, dtype=x.dtype)
+    direct = torch.zeros(4, tgt.n_particles, dtype=x.dtype)
+    for b in range(4):
+        y = x[b] + sigma * eps[b]  # [K, dim]
+        p = y.view(K, tgt.n_particles, 3)
+        for i in range(tgt.n_particles):
+            e_i = 0.5 * ((p[:, i] - p.mean(1)) ** 2).sum(-1)
+            for j in range(tgt.n_particles):
+                if j != i:
+                    r2 = ((p[:, i] - p[:, j]) ** 2).sum(-1) + 1e-6
+                    e_i = e_i + (r2 ** -6 - 2 * r2 ** -3)  # column i counts each of its pairs once (BNEM)
+            direct[b, i] = -(torch.logsumexp(-e_i, 0) - math.log(K))
+    assert torch.allclose(est, direct, rtol=1e-9, atol=1e-9)
+    # the factorised target differs from the paper's total-energy estimator on the same draws
+    tot, _ = noised_energy_mc(tgt.energy, x, sigma, K, torch.Generator().manual_seed(5))
+    assert not torch.allclose(est.sum(-1), tot)
+
+
+def test_variants_are_named_configs_with_sources():
+    from harness import grids
+
+    assert set(methods.variants()) >= {"nem@published", "bnem@published", "nem@poster", "bnem@poster"}
+    for key in methods.variants():
+        base, v = methods.split_key(key)
+        spec = methods.get(base).Config.VARIANTS[v]
+        assert spec["description"] and spec["source"]
+    e = grids.expand("paper", methods=["bnem@published"], targets=["dw4"])
+    c = BNEMConfig.for_target("dw4", **e.specs[0].config)
+    assert (c.per_particle, c.bootstrap_switch, c.switch_patience) == (True, "plateau", 5)
+    assert e.specs[0].cell_id == "paper/dw4/bnem@published/r0"
+    # the cpu grid's cost presets still apply over a variant
+    spec = grids.expand("cpu", methods=["bnem@poster"], targets=["dw4"]).specs[0]
+    c = BNEMConfig.for_target("dw4", **spec.config)
+    assert c.n_mc == 100 and c.sigma_min == 1e-3 and c.hidden == 32
+    with pytest.raises(ValueError, match="valid variants"):
+        grids.expand("cpu", methods=["bnem@nope"], targets=["dw4"])
+    with pytest.raises(KeyError, match="variants of nem"):
+        methods.get("nem@nope")
