@@ -344,7 +344,7 @@ def expand(
         sel_methods = [m for m in planned if m in registered]
         missing = [m for m in planned if m not in registered]
     grid_targets = list(grid.targets) if grid.targets is not None else targets_pkg.names()
-    all_targets = targets_pkg.names()
+    all_targets = targets_pkg.names(include_variants=True)
     if targets:
         for t in targets:
             if t not in all_targets:

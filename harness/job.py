@@ -130,7 +130,7 @@ def _method_config(M: Any, spec: RunSpec) -> Any:
 def _selection_size(target: Any) -> int:
     from harness import metrics
 
-    return metrics.SELECTION_SIZES.get(target.name, 1000)
+    return metrics.SELECTION_SIZES.get(metrics.size_key(target.name), 1000)
 
 
 def _finite_logs(logs: Any, step: int) -> dict[str, float]:

@@ -52,18 +52,18 @@ class MethodConfig:
             valid = ", ".join(cls.VARIANTS) or "(none)"
             raise ValueError(f"unknown variant {name!r} of {_config_name(cls)}; valid variants: {valid}")
         o = cls.VARIANTS[name].get("overrides", {})
-        return {**o.get("*", {}), **o.get(target_name, {})}
+        return {**o.get("*", {}), **o.get(_config_key(target_name), {})}
 
     @classmethod
     def preset(cls, grid: str, target_name: str) -> dict[str, Any]:
         """Config overrides for a grid cell: the "*" entry updated by the target's entry."""
         g = cls.PRESETS.get(grid, {})
-        return {**g.get("*", {}), **g.get(target_name, {})}
+        return {**g.get("*", {}), **g.get(_config_key(target_name), {})}
 
     @classmethod
     def suggested_budget(cls, grid: str, target_name: str) -> dict[str, Any]:
         g = cls.BUDGETS.get(grid, {})
-        return {**g.get("*", {}), **g.get(target_name, {})}
+        return {**g.get("*", {}), **g.get(_config_key(target_name), {})}
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -76,7 +76,7 @@ class MethodConfig:
     def for_target(cls, target_name: str, **overrides: Any) -> MethodConfig:
         """The published configuration for ``target_name`` with validated overrides applied (types, then
         value ranges: a ``ValueError`` names the field, the value and the valid range)."""
-        base = cls(**cls.PER_TARGET.get(target_name, {}))
+        base = cls(**cls.PER_TARGET.get(_config_key(target_name), {}))
         cfg = base.replace(**overrides) if overrides else base
         cfg.check_ranges()
         return cfg
@@ -206,6 +206,17 @@ FIELD_RANGES: dict[str, Range] = {
 ORDERED_PAIRS: tuple[tuple[str, str], ...] = (
     ("sigma_min", "sigma_max"), ("boot_sigma_min", "boot_sigma_max"), ("buffer_min", "buffer_max"),
 )
+
+
+def _config_key(target_name: str) -> str:
+    """The key a target's configs are filed under: its own, or its base's for an energy variant
+    (``dw4-bnem`` -> ``dw4``); unknown names are returned unchanged."""
+    try:
+        import targets
+
+        return targets.data_key(target_name)
+    except Exception:
+        return target_name
 
 
 def _config_name(cls: type) -> str:

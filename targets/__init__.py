@@ -6,7 +6,7 @@ from targets import double_well, gmm, lennard_jones  # noqa: F401  (register the
 from targets.base import NonFiniteInputError, ParticleTarget, Target
 from targets.registry import TARGETS
 
-__all__ = ["TARGETS", "NonFiniteInputError", "ParticleTarget", "Target", "get", "names"]
+__all__ = ["TARGETS", "NonFiniteInputError", "ParticleTarget", "Target", "data_key", "get", "names"]
 
 
 def get(name: str) -> Target:
@@ -14,5 +14,15 @@ def get(name: str) -> Target:
     return TARGETS.get(name)()
 
 
-def names() -> list[str]:
-    return TARGETS.names()
+def names(include_variants: bool = False) -> list[str]:
+    """Target keys of the benchmark; ``include_variants`` adds the named energy variants (``dw4-bnem``: a
+    target with ``data_key`` set, kept out of the grids' default target lists)."""
+    keys = TARGETS.names()
+    if include_variants:
+        return keys
+    return [k for k in keys if getattr(TARGETS.get(k), "data_key", None) is None]
+
+
+def data_key(name: str) -> str:
+    """The key whose configs, protocol sizes and reference files a target uses (itself, or its base)."""
+    return getattr(TARGETS.get(name), "data_key", None) or name
