@@ -518,69 +518,98 @@ def render_latex(tb: Table) -> str:
 REPRODUCTION_GRIDS: tuple[str, ...] = ("paper", "full", "cpu")
 
 
+def _repro_keys(sub: pd.DataFrame, p: Any) -> list[tuple[str, str]]:
+    """(method key, target key) pairs whose records stand beside published number ``p``: our default method
+    on the published target first (always, even without records), then the named variants of the method
+    (``bnem@published``) and the energy variants of the target (``dw4-bnem``) that have records."""
+    import targets as _t
+
+    pairs = [(p.method, p.target)]
+    if sub.empty:
+        return pairs
+    for m, t in sorted(set(zip(sub["method"], sub["target"]))):
+        same_m = m == p.method or m.startswith(p.method + "@")
+        try:
+            same_t = t == p.target or _t.data_key(t) == p.target
+        except Exception:
+            same_t = t == p.target
+        if same_m and same_t and (m, t) not in pairs:
+            pairs.append((m, t))
+    return pairs
+
+
 def reproduction_rows(df: pd.DataFrame, grid: str | None, protocol: str,
                       selection: str = "paper") -> list[dict[str, Any]]:
     """Our means (the evaluation ``selection`` picks) beside every published number of ``protocol``, with
-    ours / published. ``grid`` None: each cell from the first of ``REPRODUCTION_GRIDS`` that has records of
+    ours / published: one row for our default configuration and one per named variant with records (the
+    Variant column). ``grid`` None: each cell from the first of ``REPRODUCTION_GRIDS`` that has records of
     it (the row says which)."""
     rule = selection_rule(selection, protocol)
     sub = final_rows(df[df["protocol"] == protocol], rule) if not df.empty else df
     rows = []
     for p in published_for(protocol):
-        ours_vals: list[float] = []
-        status = "missing"
-        used_grid = grid or MISSING
-        if not sub.empty:
-            s = sub[(sub["target"] == p.target) & (sub["method"] == p.method)]
-            if grid is not None:
-                s = s[s["grid"] == grid]
-            else:
-                for g in REPRODUCTION_GRIDS:
-                    if (s["grid"] == g).any():
-                        s, used_grid = s[s["grid"] == g], g
-                        break
+        for key, tkey in _repro_keys(sub, p):
+            ours_vals: list[float] = []
+            status = "missing"
+            used_grid = grid or MISSING
+            if not sub.empty:
+                s = sub[(sub["target"] == tkey) & (sub["method"] == key)]
+                if grid is not None:
+                    s = s[s["grid"] == grid]
                 else:
-                    s = s.iloc[0:0]
-            col = METRIC_PREFIX + p.metric
-            if len(s):
-                status = "diverged" if (s["status"] == "diverged").all() else "ok"
-                if col in s.columns:
-                    ours_vals = [float(v) for v in s[s["status"] == "ok"][col] if math.isfinite(float(v))]
-        ours = float(np.mean(ours_vals)) if ours_vals else float("nan")
-        pub = p.value if p.value is not None else float("nan")
-        rows.append(
-            {
-                "method": p.method,
-                "target": p.target,
-                "metric": p.metric,
-                "published": DIVERGED
-                if p.value is None
-                else fmt_num(pub) + (f" ± {fmt_num(p.std, 2)}" if p.std else ""),
-                "ours": (
-                    fmt_num(ours)
-                    + (f" ± {fmt_num(float(np.std(ours_vals, ddof=1)), 2)}" if len(ours_vals) > 1 else "")
-                )
-                if ours_vals
-                else (DIVERGED if status == "diverged" else MISSING),
-                "ratio": fmt_num(ours / pub, 3) if ours_vals and math.isfinite(pub) and pub != 0 else MISSING,
-                "seeds": len(ours_vals),
-                "grid": used_grid,
-                "selection": rule,
-                "source": p.source,
-                "note": p.note,
-            }
-        )
+                    for g in REPRODUCTION_GRIDS:
+                        if (s["grid"] == g).any():
+                            s, used_grid = s[s["grid"] == g], g
+                            break
+                    else:
+                        s = s.iloc[0:0]
+                col = METRIC_PREFIX + p.metric
+                if len(s):
+                    status = "diverged" if (s["status"] == "diverged").all() else "ok"
+                    if col in s.columns:
+                        ours_vals = [float(v) for v in s[s["status"] == "ok"][col] if math.isfinite(float(v))]
+            ours = float(np.mean(ours_vals)) if ours_vals else float("nan")
+            pub = p.value if p.value is not None else float("nan")
+            variant = key.split("@", 1)[1] if "@" in key else "ours (default)"
+            note = p.note
+            if tkey != p.target:
+                note = (note + "; " if note else "") + f"run on {tkey} (energy variant: not comparable)"
+            rows.append(
+                {
+                    "method": p.method,
+                    "target": p.target,
+                    "metric": p.metric,
+                    "variant": variant if tkey == p.target else f"{variant}, {tkey}",
+                    "published": DIVERGED
+                    if p.value is None
+                    else fmt_num(pub) + (f" ± {fmt_num(p.std, 2)}" if p.std else ""),
+                    "ours": (
+                        fmt_num(ours)
+                        + (f" ± {fmt_num(float(np.std(ours_vals, ddof=1)), 2)}" if len(ours_vals) > 1 else "")
+                    )
+                    if ours_vals
+                    else (DIVERGED if status == "diverged" else MISSING),
+                    "ratio": fmt_num(ours / pub, 3)
+                    if ours_vals and math.isfinite(pub) and pub != 0 else MISSING,
+                    "seeds": len(ours_vals),
+                    "grid": used_grid,
+                    "selection": rule,
+                    "source": p.source,
+                    "note": note,
+                }
+            )
     return rows
 
 
 def render_reproduction(rows: list[dict[str, Any]], grid: str | None, protocol: str, fmt: str) -> str:
-    headers = ["Method", "Target", "Metric", "Published", "Ours", "Ours / published", "Seeds", "Grid",
-               "Selection", "Note"]
+    headers = ["Method", "Target", "Metric", "Variant", "Published", "Ours", "Ours / published", "Seeds",
+               "Grid", "Selection", "Note"]
     body = [
         [
             method_display(r["method"]),
             target_display(r["target"]),
             METRIC_LABELS[r["metric"]],
+            r.get("variant", "ours (default)"),
             r["published"],
             r["ours"],
             r["ratio"],
@@ -612,7 +641,7 @@ def render_reproduction(rows: list[dict[str, Any]], grid: str | None, protocol: 
         r"\begin{table}[t]",
         r"\centering",
         r"\small",
-        r"\begin{tabular}{lllccccccl}",
+        r"\begin{tabular}{llllccccccl}",
         r"\toprule",
         " & ".join(headers) + r" \\",
         r"\midrule",

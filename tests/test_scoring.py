@@ -229,3 +229,52 @@ def test_evaluate_refuses_splits_of_different_sources(monkeypatch):
     used = metrics.references_used(t, "idem")
     assert used["test"]["source"] == "published" and used["val"]["source"] == "generated"
     assert "e_w2" in used["val"]["metrics"] and "x_w2" in used["test"]["metrics"]
+
+
+# ------------------------------------------------------------------------------------- reproduction table
+def _rec(root, grid, target, method, rep, per_eval):
+    """A schema-2 record: per_eval = [(val_x_w2, val_e_w2, {protocol: {metric: value}})]."""
+    spec = RunSpec(grid=grid, target=target, method=method, replicate=rep, seed=rep)
+    evs = [{"fraction": (k + 1) / len(per_eval), "step": k + 1, "usage": {}, "val": {"val_x_w2": a,
+            "val_e_w2": b}, "scores": sc, "metrics": sc.get("boltzbench", {})}
+           for k, (a, b, sc) in enumerate(per_eval)]
+    rec = RunRecord(spec=spec, status="ok", evaluations=evs, selection=scoring.select(evs))
+    rec.write(spec.run_dir(root) / "record.json")
+
+
+def test_reproduction_table_takes_paper_records_else_cpu_names_variant_and_selection(tmp_path):
+    from harness import tables
+
+    def sc(x, e):
+        return {"bnem": {"x_w2": x, "e_w2": e, "tv": 0.1}, "idem": {"x_w2": x + 1, "e_w2": e, "tv": 0.2}}
+
+    for r in range(2):  # BNEM DW-4 on the cpu grid: the val-best x-W2 evaluation is the middle one
+        evs = [(3, 3, sc(9, 9)), (1, 2, sc(0.5, 0.4 + r)), (2, 1, sc(7, 7))]
+        _rec(tmp_path, "cpu", "dw4", "bnem", r, evs)
+    _rec(tmp_path, "cpu", "dw4", "bnem@published", 0, [(1, 1, sc(0.6, 0.5))])
+    _rec(tmp_path, "cpu", "dw4-bnem", "bnem@poster", 0, [(1, 1, sc(0.3, 0.2))])
+    _rec(tmp_path, "cpu", "dw4", "idem", 0, [(1, 1, sc(2.0, 1.0))])
+    _rec(tmp_path, "paper", "dw4", "idem", 0, [(1, 1, sc(1.5, 0.5))])
+    df = load_records(tmp_path)
+    rows = tables.reproduction_rows(df, None, "bnem")
+    dw = {(r["variant"], r["metric"]): r for r in rows if r["method"] == "bnem" and r["target"] == "dw4"}
+    # bnem rule (E-W2 early stopping, patience 10: never stops) = the last evaluation
+    ours = dw[("ours (default)", "e_w2")]
+    assert ours["ours"].startswith("7.000") and ours["seeds"] == 2
+    assert ours["selection"] == "bnem" and ours["grid"] == "cpu"
+    assert dw[("published", "e_w2")]["ours"] == "0.5000"
+    assert dw[("published", "e_w2")]["ratio"] == tables.fmt_num(0.5 / 0.458, 3)
+    assert "not comparable" in dw[("poster, dw4-bnem", "e_w2")]["note"]
+    # the idem rule picks the val-best x-W2 evaluation; idem takes its cell from the paper records
+    rows = tables.reproduction_rows(df, None, "idem", selection="idem")
+    idem = {(r["method"], r["metric"]): r for r in rows if r["target"] == "dw4"}
+    assert idem[("idem", "x_w2")]["grid"] == "paper" and idem[("idem", "x_w2")]["ours"] == "2.500"
+    last = {(r["method"], r["metric"]): r for r in tables.reproduction_rows(df, "cpu", "bnem", "last")
+            if r["target"] == "dw4" and r["variant"] == "ours (default)"}
+    assert last[("bnem", "x_w2")]["ours"].startswith("7.000")
+    assert last[("bnem", "x_w2")]["selection"] == "last"
+    sel = {(r["method"], r["metric"]): r for r in tables.reproduction_rows(df, "cpu", "bnem", "idem")
+           if r["target"] == "dw4" and r["variant"] == "ours (default)"}
+    assert sel[("bnem", "x_w2")]["ours"].startswith("0.5000")  # the middle evaluation of both seeds
+    md = tables.render_reproduction(rows, None, "idem", "md")
+    assert "Variant" in md.splitlines()[2] and "Selection" in md.splitlines()[2]
