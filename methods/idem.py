@@ -209,6 +209,25 @@ class Config(MethodConfig):
             sample_chunk=128,
         ),
     }
+    #: the configuration behind the BNEM poster's iDEM row (MethodConfig.VARIANTS; docs/reproduction.md)
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "bnem": {
+            "description": "iDEM as BNEM's fork ran it for its tables: σ_min 1e-4, λ(t) = h(t) + 1e-3 "
+            "weighting everywhere, K 1000 (GMM 100), LJ-13 σ_max 6 and diffusion 1.0, LJ-55 without "
+            "negative-time steps, GMM lr 1e-3 and 100 SDE steps, sampling from an EMA network (decay 0.999 "
+            "per step: DEM's EMAWrapper default; the fork's exact decay is not checked); early stopping on "
+            "val E-W2 is the `bnem` selection rule",
+            "source": "tonyauyeung/BNEM configs/model/dem.yaml and configs/experiment/*_idem.yaml (HEAD); "
+            "bnem-reference-code.md §3",
+            "overrides": {
+                "*": dict(lambda_weighting="h", num_mc_samples=1000, ema_decay=0.999),
+                "gmm40": dict(sigma_min=1e-4, num_mc_samples=100, lr=1e-3, sde_steps=100),
+                "dw4": dict(sigma_min=1e-4),
+                "lj13": dict(sigma_min=1e-4, sigma_max=6.0, diffusion_scale=1.0),
+                "lj55": dict(negative_time_steps=0),
+            },
+        },
+    }
     PRESETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         # plumbing only: a cell runs in seconds on a CPU
         "smoke": {
