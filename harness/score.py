@@ -348,7 +348,6 @@ class ScoreResult:
         """The human-readable report: inputs, then per protocol value / noise floor / CI / split."""
         from tabulate import tabulate
 
-        from harness import metrics as hm
 
         t = _target(self.target)
         lines = [f"Target {t.display_name} ({self.target}), {self.n_rows} rows read"
@@ -373,7 +372,7 @@ class ScoreResult:
                     continue
                 lo, hi = m.get(f"{k}_ci_lo"), m.get(f"{k}_ci_hi")
                 ci = f"[{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "—"
-                split = hm.metric_split(p, k) if k != "x_w2_aligned" else "test"
+                split = b["splits"].get(k, "test")
                 rows.append([_LABELS[k], _fmt(m[k]), _fmt(m.get(f"{k}_floor")), ci, split])
             lines.append(tabulate(rows, headers=["metric", "value", "noise floor", "95% CI", "vs split"],
                                   tablefmt="github", disable_numparse=True))
@@ -554,7 +553,7 @@ def score(
             "metrics": m,
             "sizes": {"n_generated": used[0], "n_reference": used[1], "standard": list(std),
                       "non_standard": used != std, "x_w2_aligned": n_al},
-            "splits": {k: hm.metric_split(p, k) for k in ("x_w2", "e_w2", "tv")},
+            "splits": {k: hm.metric_split(p, k, t.name) for k in ("x_w2", "e_w2", "tv", "dist_w2")},
             "reference": prov,
             "references_used": _references_used(t, p, bool(opts.get("noise_floor", True))),
             "options": opts,

@@ -278,3 +278,17 @@ def test_reproduction_table_takes_paper_records_else_cpu_names_variant_and_selec
     assert sel[("bnem", "x_w2")]["ours"].startswith("0.5000")  # the middle evaluation of both seeds
     md = tables.render_reproduction(rows, None, "idem", "md")
     assert "Variant" in md.splitlines()[2] and "Selection" in md.splitlines()[2]
+
+
+def test_idem_lj55_tv_is_against_the_test_split_as_dems_readme_says():
+    t = targets.get("lj55")
+    assert metrics.metric_split("idem", "tv", "lj55") == "test"
+    assert metrics.metric_split("idem", "tv", "lj13") == "val" and metrics.metric_split("idem", "tv") == "val"
+    ref = t.reference("test", 60).numpy()
+    val = t.reference("val", 60).numpy()
+    gen = t.reference("val", 120).numpy()[60:]
+    r = metrics.evaluate(gen, {"test": ref, "val": val}, t, "idem", noise_floor=False)
+    d = lambda a: t.interatomic_distances(torch.from_numpy(a).double()).numpy()  # noqa: E731
+    assert r["tv"] == pytest.approx(metrics.hist_tv_1d(d(gen), d(ref), bins=200), abs=1e-12)
+    assert r["dist_w2"] == pytest.approx(metrics.w2_squared_1d(d(val), d(gen)), rel=1e-9)
+    assert "tv" in metrics.references_used(t, "idem")["test"]["metrics"]
