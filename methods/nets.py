@@ -15,8 +15,10 @@ All modules take flat inputs (``t`` [B], ``x`` [B, dim]) and are device-agnostic
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -118,13 +120,295 @@ class TimeMLP(nn.Module):
         return self.net(feats)
 
 
+# ------------------------------------------------------------------------------------------------ EGNN
+# Pair rows (configurations × ordered pairs) processed at once by the edge kernels: the [rows, hidden] pair
+# tensors of one chunk (≈ 2 MiB at 4096 × 128 float32) stay in cache between the elementwise passes and the
+# two matmuls, instead of streaming [B, n, n, hidden] tensors through memory (measured in tests/bench).
+EDGE_CHUNK_ROWS = 4096
+N_EDGE_INPUTS = 12  # tensor inputs of _EdgeAggregate: A, Bm, diff, e0 and the eight _EdgeWeights
+
+
+class _EdgeWeights(NamedTuple):
+    """The per-pair parameters of one EGCL in the layout the edge kernels use (views of the parameters).
+
+    w_r, w_e [H]: columns of the first edge Linear acting on |x_i − x_j|² and on the input distance;
+    W2 [H, H], b2 [H]: second edge Linear; Wc [H(+1), H]: the coordinate MLP's first Linear with the attention
+    Linear stacked under it (one matmul gives both); bc [H]; batt [1] (None without attention); wc2 [H]:
+    the coordinate MLP's last Linear.
+    """
+
+    w_r: Tensor
+    w_e: Tensor
+    W2: Tensor
+    b2: Tensor
+    Wc: Tensor
+    bc: Tensor
+    batt: Tensor | None
+    wc2: Tensor
+
+
+class _EdgeSpec(NamedTuple):
+    jidx: Tensor  # [n, n−1] long: the j ≠ i of each row i, in increasing order
+    attention: bool
+    tanh: bool
+    coords_range: float
+    need_h: bool  # whether the aggregated messages are needed (not in a last layer without node outputs)
+    chunk: int  # configurations per chunk
+
+
+def _silu_grad(v: Tensor) -> Tensor:
+    s = torch.sigmoid(v)
+    return s * (1.0 + v * (1.0 - s))
+
+
+def _pre_activation(A: Tensor, Bm: Tensor, r: Tensor, e0: Tensor, w: _EdgeWeights, jidx: Tensor) -> Tensor:
+    """u_ij = W_a h_i + b + W_b h_j + w_r r_ij + w_e e_ij for the off-diagonal pairs: [C, n, n−1, H]
+    (a fresh tensor; the first edge Linear per node, broadcast over pairs)."""
+    u = Bm[:, jidx]
+    u += A.unsqueeze(2)
+    u.addcmul_(r.unsqueeze(-1), w.w_r)
+    u.addcmul_(e0.unsqueeze(-1), w.w_e)
+    return u
+
+
+def _edge_forward_chunk(
+    A: Tensor, Bm: Tensor, diff: Tensor, e0: Tensor, w: _EdgeWeights, spec: _EdgeSpec
+) -> tuple[Tensor, Tensor | None]:
+    """Aggregated coordinate update [C, n, d] and messages [C, n, H] (or None) of one chunk, without autograd
+    (in-place activations)."""
+    C, n, H = A.shape
+    r = diff.square().sum(-1)
+    P = C * n * (n - 1)
+    a = F.silu(_pre_activation(A, Bm, r, e0, w, spec.jidx), inplace=True).view(P, H)
+    m = F.silu(torch.addmm(w.b2, a, w.W2.t()), inplace=True)
+    y = m @ w.Wc.t()
+    if spec.attention:
+        s = torch.sigmoid(y[:, H] + w.batt)
+        q = torch.addcmul(w.bc, y[:, :H], s.unsqueeze(-1))
+    else:
+        s = None
+        q = y.add_(w.bc)
+    o = F.silu(q, inplace=True) @ w.wc2
+    phi = torch.tanh(o).mul_(spec.coords_range) if spec.tanh else o
+    coef = phi.view(C * n, 1, n - 1) / (torch.sqrt(r + 1e-8) + 1.0).view(C * n, 1, n - 1)
+    agg_x = torch.bmm(coef, diff.reshape(C * n, n - 1, -1)).view(C, n, -1)
+    agg_h = None
+    if spec.need_h:
+        mv = m.view(C * n, n - 1, H)
+        agg_h = torch.bmm(s.view(C * n, 1, n - 1), mv) if s is not None else mv.sum(1, keepdim=True)
+        agg_h = agg_h.view(C, n, H)
+    return agg_x, agg_h
+
+
+def _edge_forward_plain(
+    A: Tensor, Bm: Tensor, diff: Tensor, e0: Tensor, w: _EdgeWeights, spec: _EdgeSpec
+) -> tuple[Tensor, Tensor]:
+    """The same function written with out-of-place differentiable ops on the whole batch (used for
+    higher-order gradients, e.g. the score of an energy network or a flow's divergence under training)."""
+    B, n, H = A.shape
+    r = diff.square().sum(-1)
+    u = Bm[:, spec.jidx] + A.unsqueeze(2) + r.unsqueeze(-1) * w.w_r + e0.unsqueeze(-1) * w.w_e
+    m = F.silu(F.linear(F.silu(u), w.W2, w.b2))
+    y = m @ w.Wc.t()
+    if spec.attention:
+        s = torch.sigmoid(y[..., H] + w.batt)
+        q = y[..., :H] * s.unsqueeze(-1) + w.bc
+        mh = m * s.unsqueeze(-1)
+    else:
+        q, mh = y + w.bc, m
+    o = F.silu(q) @ w.wc2
+    phi = torch.tanh(o) * spec.coords_range if spec.tanh else o
+    coef = phi / (torch.sqrt(r + 1e-8) + 1.0)
+    agg_x = (diff * coef.unsqueeze(-1)).sum(2)
+    agg_h = mh.sum(2) if spec.need_h else A.new_zeros(B, n, 0)
+    return agg_x, agg_h
+
+
+class _EdgeAggregate(torch.autograd.Function):
+    """(agg_x, agg_h) = edge block of one EGCL, with a chunked, recomputing backward.
+
+    Forward keeps no pair activations: it saves only its inputs (node tensors, pair distances and
+    differences), and backward recomputes each chunk's activations and back-propagates through them by hand
+    while they are in cache. Memory per layer is O(B·n·H + B·n²·d) instead of O(B·n²·H), and parameter
+    gradients accumulate chunk by chunk. Under ``create_graph`` (a gradient of a gradient) backward instead
+    recomputes with the differentiable formulation and lets autograd differentiate it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, A: Tensor, Bm: Tensor, diff: Tensor, e0: Tensor, w_r: Tensor,
+                w_e: Tensor, W2: Tensor, b2: Tensor, Wc: Tensor, bc: Tensor, batt: Tensor | None,
+                wc2: Tensor, spec: _EdgeSpec) -> tuple[Tensor, Tensor]:
+        w = _EdgeWeights(w_r, w_e, W2, b2, Wc, bc, batt, wc2)
+        agg_x, agg_h = _edge_forward_chunked(A, Bm, diff, e0, w, spec)
+        ctx.save_for_backward(A, Bm, diff, e0, w_r, w_e, W2, b2, Wc, bc, batt, wc2)
+        ctx.spec = spec
+        if not spec.need_h:
+            ctx.mark_non_differentiable(agg_h)
+        return agg_x, agg_h
+
+    @staticmethod
+    def backward(ctx: Any, gx: Tensor, gh: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        spec: _EdgeSpec = ctx.spec
+        need = ctx.needs_input_grad[:N_EDGE_INPUTS]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            # on fresh aliases of the inputs: autograd.grad w.r.t. an alias counts only the paths through this
+            # recomputation (an input may itself depend on another input, e.g. through earlier layers)
+            alias = [v.view_as(v) if v is not None else None for v in saved]
+            idx = [i for i in range(N_EDGE_INPUTS) if need[i]]
+            w = _EdgeWeights(*alias[4:])
+            out = _edge_forward_plain(*alias[:4], w, spec)
+            outs, gouts = [out[0]], [gx]
+            if spec.need_h:
+                outs.append(out[1])
+                gouts.append(gh)
+            got = torch.autograd.grad(outs, [alias[i] for i in idx], gouts, create_graph=True,
+                                      allow_unused=True)
+            grads: list[Tensor | None] = [None] * N_EDGE_INPUTS
+            for i, g in zip(idx, got):
+                grads[i] = g
+            return (*grads, None)
+        return (*_edge_backward_chunked(saved, gx, gh if spec.need_h else None, spec, need), None)
+
+
+def _chunks(B: int, c: int) -> list[tuple[int, int]]:
+    return [(i, min(B, i + c)) for i in range(0, B, c)]
+
+
+def _edge_forward_chunked(
+    A: Tensor, Bm: Tensor, diff: Tensor, e0: Tensor, w: _EdgeWeights, spec: _EdgeSpec
+) -> tuple[Tensor, Tensor]:
+    B, n, H = A.shape
+    agg_x = A.new_empty(B, n, diff.shape[-1])
+    agg_h = A.new_empty(B, n, H if spec.need_h else 0)
+    for i, j in _chunks(B, spec.chunk):
+        ax, ah = _edge_forward_chunk(A[i:j], Bm[i:j], diff[i:j], e0[i:j], w, spec)
+        agg_x[i:j] = ax
+        if ah is not None:
+            agg_h[i:j] = ah
+    return agg_x, agg_h
+
+
+def _edge_backward_chunked(
+    saved: tuple[Tensor, ...], gx: Tensor, gh: Tensor | None, spec: _EdgeSpec, need: tuple[bool, ...]
+) -> list[Tensor | None]:
+    """Hand-written backward of the edge block, chunk by chunk (first-order gradients only)."""
+    A, Bm, diff, e0 = saved[:4]
+    w = _EdgeWeights(*saved[4:])
+    B, n, H = A.shape
+    d = diff.shape[-1]
+    k = n - 1
+    jflat = spec.jidx.reshape(-1)
+    gA = torch.zeros_like(A) if need[0] else None
+    gB = torch.zeros_like(Bm) if need[1] else None
+    gdiff = torch.empty_like(diff) if need[2] else None
+    ge0 = torch.empty_like(e0) if need[3] else None
+    gw_r = torch.zeros_like(w.w_r)
+    gw_e = torch.zeros_like(w.w_e)
+    gW2 = torch.zeros_like(w.W2)
+    gb2 = torch.zeros_like(w.b2)
+    gWc = torch.zeros_like(w.Wc)
+    gbc = torch.zeros_like(w.bc)
+    gbatt = torch.zeros_like(w.batt) if w.batt is not None else None
+    gwc2 = torch.zeros_like(w.wc2)
+    cr = spec.coords_range
+    for i0, i1 in _chunks(B, spec.chunk):
+        C = i1 - i0
+        P = C * n * k
+        ec, dc = e0[i0:i1], diff[i0:i1]
+        rc = dc.square().sum(-1)
+        # ---- recompute the chunk's activations
+        u = _pre_activation(A[i0:i1], Bm[i0:i1], rc, ec, w, spec.jidx).view(P, H)
+        a = F.silu(u)
+        z = torch.addmm(w.b2, a, w.W2.t())
+        m = F.silu(z)
+        y = m @ w.Wc.t()
+        if spec.attention:
+            s = torch.sigmoid(y[:, H] + w.batt)
+            yc = y[:, :H]
+            q = torch.addcmul(w.bc, yc, s.unsqueeze(-1))
+        else:
+            s, yc = None, y
+            q = y + w.bc
+        c = F.silu(q)
+        o = c @ w.wc2
+        th = torch.tanh(o) if spec.tanh else o
+        phi = th * cr if spec.tanh else th
+        sq = torch.sqrt(rc + 1e-8).reshape(P)
+        den = sq + 1.0
+        coef = phi / den
+        # ---- coordinate aggregation: agg_x_i = Σ_j coef_ij diff_ij
+        gxc = gx[i0:i1].reshape(C * n, d, 1)
+        dcoef = torch.bmm(dc.reshape(C * n, k, d), gxc).reshape(P)
+        dphi = dcoef / den
+        dr_den = -(dcoef * coef / den) * 0.5 / sq  # through 1 / (sqrt(r + 1e-8) + 1)
+        do = dphi * cr * (1.0 - th * th) if spec.tanh else dphi
+        gwc2.addmv_(c.t(), do)
+        dq = torch.outer(do, w.wc2).mul_(_silu_grad(q))
+        gbc += dq.sum(0)
+        if s is not None:
+            ds = (dq * yc).sum(-1)
+            dy = torch.empty(P, H + 1, dtype=m.dtype, device=m.device)
+            torch.mul(dq, s.unsqueeze(-1), out=dy[:, :H])
+        else:
+            dy = dq
+        mv = m.view(C * n, k, H)
+        if gh is not None:
+            ghc = gh[i0:i1].reshape(C * n, H, 1)
+            if s is not None:
+                ds += torch.bmm(mv, ghc).reshape(P)
+        if s is not None:
+            dya = ds * s * (1.0 - s)
+            dy[:, H] = dya
+            gbatt += dya.sum().reshape(gbatt.shape)
+        gWc.addmm_(dy.t(), m)
+        dm = dy @ w.Wc
+        if gh is not None:  # agg_h_i = Σ_j s_ij m_ij
+            if s is not None:
+                dm.view(C, n, k, H).addcmul_(gh[i0:i1].unsqueeze(2), s.view(C, n, k, 1))
+            else:
+                dm.view(C, n, k, H).add_(gh[i0:i1].unsqueeze(2))
+        dz = dm.mul_(_silu_grad(z))
+        gW2.addmm_(dz.t(), a)
+        gb2 += dz.sum(0)
+        du = (dz @ w.W2).mul_(_silu_grad(u))
+        gw_r.addmv_(du.t(), rc.reshape(P))
+        gw_e.addmv_(du.t(), ec.reshape(P))
+        du4 = du.view(C, n, k, H)
+        if gA is not None:
+            gA[i0:i1] = du4.sum(2)
+        if gB is not None:
+            gB[i0:i1].index_add_(1, jflat, du.view(C, n * k, H))
+        if gdiff is not None:  # through coef·diff and through r = |diff|²
+            gr = (du @ w.w_r + dr_den).view(C, n, k, 1)
+            gdiff[i0:i1] = torch.addcmul(coef.view(C, n, k, 1) * gx[i0:i1].unsqueeze(2), gr, dc, value=2.0)
+        if ge0 is not None:
+            ge0[i0:i1] = (du @ w.w_e).view(C, n, k)
+    ng = need
+    return [
+        gA, gB, gdiff, ge0,
+        gw_r if ng[4] else None, gw_e if ng[5] else None, gW2 if ng[6] else None, gb2 if ng[7] else None,
+        gWc if ng[8] else None, gbc if ng[9] else None, gbatt if ng[10] else None, gwc2 if ng[11] else None,
+    ]
+
+
 class EGCL(nn.Module):
-    """One E(n)-equivariant graph convolution layer on a dense fully connected graph (no self-edges).
+    """One E(n)-equivariant graph convolution layer on a fully connected graph (no self-edges).
 
     Edge message m_ij = SiLU(W2 SiLU(W1 [h_i, h_j, |x_i − x_j|², a_ij])) (× sigmoid attention gate);
     coordinates x_i += Σ_j (x_i − x_j)/(|x_i − x_j| + 1) · coords_range · tanh(φ(m_ij));
-    nodes h_i += MLP([h_i, Σ_j m_ij]) (recurrent). The first edge Linear is applied per node and summed
-    (identical to a Linear on the concatenation, n× cheaper).
+    nodes h_i += MLP([h_i, Σ_j m_ij]) (recurrent).
+
+    Parameters (and state_dict keys) are those of the straightforward layer; the computation is reorganised
+    without changing the function (equal to float rounding, tested against an edge-list formulation):
+
+    - the first edge Linear is applied per node, W1[h_i; h_j; r; a] = (W_a h_i + b) + W_b h_j + w_r r + w_e a,
+      and broadcast over the n(n−1) off-diagonal pairs (no [B, n, n, 2H + 2] concatenation, no self-edges);
+    - the attention Linear is stacked under the coordinate MLP's first Linear, and W_c(s·m) = s·(W_c m), so
+      one matmul per pair serves both; Σ_j s_ij m_ij is a batched matrix product;
+    - pairs are processed in cache-sized chunks of configurations (``EDGE_CHUNK_ROWS``); without autograd
+      activations are updated in place; with autograd a custom Function stores no pair activations and
+      recomputes them chunk by chunk in backward (see ``_EdgeAggregate``).
     """
 
     def __init__(self, hidden: int, attention: bool = True, tanh: bool = True, coords_range: float = 1.0,
@@ -142,34 +426,42 @@ class EGCL(nn.Module):
         self.coord_mlp = nn.Sequential(nn.Linear(hidden, hidden), act, last)
         self.node_mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), act, nn.Linear(hidden, hidden))
 
-    def forward(self, h: Tensor, x: Tensor, edge_attr: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """h [B, n, H], x [B, n, d], edge_attr [B, n, n] (squared input distances),
-        mask [n, n] (0 on the diagonal)."""
-        H = h.shape[-1]
-        diff = x.unsqueeze(2) - x.unsqueeze(1)  # [B, n, n, d]: x_i − x_j
-        radial = (diff**2).sum(-1)  # [B, n, n]
-        w = self.edge_in.weight  # [H, 2H + 2]
-        hi = torch.addmm(self.edge_in.bias, h.reshape(-1, H), w[:, :H].T).reshape(h.shape)  # [B, n, H]
-        hj = h @ w[:, H : 2 * H].T
-        pre = torch.stack([radial, edge_attr], dim=-1) @ w[:, 2 * H :].T  # [B, n, n, H]
-        pre += hi.unsqueeze(2)
-        pre += hj.unsqueeze(1)
-        m = self.edge_mlp(pre)  # [B, n, n, H]
+    def edge_weights(self) -> _EdgeWeights:
+        H = self.edge_mlp[1].weight.shape[0]
+        w1 = self.edge_in.weight
+        wc = self.coord_mlp[0].weight
         if self.att is not None:
-            m = m * torch.sigmoid(self.att(m))
-        phi = self.coord_mlp(m)  # [B, n, n, 1]
-        if self.tanh:
-            phi = torch.tanh(phi) * self.coords_range
-        norm = torch.sqrt(radial + 1e-8).unsqueeze(-1)
-        trans = diff / (norm + 1.0) * phi  # zero on the diagonal (x_i − x_i = 0)
-        agg_x = trans.sum(2)
-        # messages summed over j ≠ i: subtract the self-edge instead of masking the [B, n, n, H] tensor
-        agg_h = m.sum(2) - torch.diagonal(m, dim1=1, dim2=2).transpose(1, 2)
+            wc = torch.cat([wc, self.att.weight], dim=0)
+        return _EdgeWeights(
+            w_r=w1[:, 2 * H], w_e=w1[:, 2 * H + 1], W2=self.edge_mlp[1].weight, b2=self.edge_mlp[1].bias,
+            Wc=wc, bc=self.coord_mlp[0].bias, batt=self.att.bias if self.att is not None else None,
+            wc2=self.coord_mlp[2].weight.reshape(-1),
+        )
+
+    def forward(self, h: Tensor, x: Tensor, edge_attr: Tensor, jidx: Tensor,
+                need_h: bool = True) -> tuple[Tensor, Tensor]:
+        """h [B, n, H], x [B, n, d], edge_attr [B, n, n−1] (squared input distances of the off-diagonal
+        pairs, ordered as ``jidx`` [n, n−1]). ``need_h`` False skips the node update (returns h unchanged)."""
+        B, n, H = h.shape
+        w1 = self.edge_in.weight
+        h2 = h.reshape(B * n, H)
+        A = torch.addmm(self.edge_in.bias, h2, w1[:, :H].t()).view(B, n, H)
+        Bm = (h2 @ w1[:, H : 2 * H].t()).view(B, n, H)
+        diff = x.unsqueeze(2) - x[:, jidx]  # [B, n, n−1, d]: x_i − x_j
+        spec = _EdgeSpec(jidx, self.attention, self.tanh, self.coords_range, need_h,
+                         max(1, EDGE_CHUNK_ROWS // (n * (n - 1))))
+        w = self.edge_weights()
+        tracked = (A, Bm, diff, edge_attr, *(p for p in w if p is not None))
+        if torch.is_grad_enabled() and any(v.requires_grad for v in tracked):
+            agg_x, agg_h = _EdgeAggregate.apply(A, Bm, diff, edge_attr, *w, spec)
+        else:
+            agg_x, agg_h = _edge_forward_chunked(A, Bm, diff, edge_attr, w, spec)
         if self.agg == "mean":
-            deg = mask.sum(-1).clamp_min(1).unsqueeze(-1)
-            agg_x, agg_h = agg_x / deg, agg_h / deg
+            agg_x = agg_x / (n - 1)
+            agg_h = agg_h / (n - 1)
         x = x + agg_x
-        h = h + self.node_mlp(torch.cat([h, agg_h], dim=-1))
+        if need_h:
+            h = h + self.node_mlp(torch.cat([h, agg_h], dim=-1))
         return h, x
 
 
@@ -179,6 +471,7 @@ class EGNN(nn.Module):
     forward(t [B], x [B, n·d]) -> [B, n·d]: the displacement x_out − x with the particle mean removed
     (rotation/permutation equivariant, translation invariant). Node features start from h = t.
     forward_with_features(t, x) -> (vel [B, n·d], h_out [B, n, out_node_features]): invariant node outputs.
+    See ``EGCL`` for how the layers are computed (fast paths with and without autograd).
     """
 
     def __init__(
@@ -207,7 +500,9 @@ class EGNN(nn.Module):
             EGCL(hidden, attention=attention, tanh=tanh, coords_range=cr, agg=agg) for _ in range(n_layers)
         )
         self.embedding_out = nn.Linear(hidden, out_node_features) if out_node_features > 0 else None
-        self.register_buffer("mask", 1.0 - torch.eye(n_particles), persistent=False)
+        n = n_particles
+        jidx = torch.tensor([[j for j in range(n) if j != i] for i in range(n)], dtype=torch.long)
+        self.register_buffer("jidx", jidx, persistent=False)
 
     def forward_with_features(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.ndim != 2 or x.shape[1] != self.n * self.d:
@@ -216,11 +511,12 @@ class EGNN(nn.Module):
         t = _as_batch_time(t, x)
         pos0 = x.reshape(B, self.n, self.d)
         pos = pos0
-        mask = self.mask.to(x.dtype)
-        edge_attr = ((pos.unsqueeze(2) - pos.unsqueeze(1)) ** 2).sum(-1)
+        jidx = self.jidx
+        edge_attr = (pos.unsqueeze(2) - pos[:, jidx]).square().sum(-1)  # [B, n, n−1]
         h = self.embedding(t.reshape(B, 1, 1).expand(B, self.n, 1))
-        for layer in self.layers:
-            h, pos = layer(h, pos, edge_attr, mask)
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            h, pos = layer(h, pos, edge_attr, jidx, need_h=k < last or self.embedding_out is not None)
         vel = pos - pos0
         vel = vel - vel.mean(dim=1, keepdim=True)
         h_out = self.embedding_out(h) if self.embedding_out is not None else h.new_zeros(B, self.n, 0)
