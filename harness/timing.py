@@ -107,6 +107,8 @@ def records_to_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
             "threads": (rec.environment or {}).get("torch_threads"),
             "load": _load_per_cpu(rec.environment or {}),
             "n_eval_samples": s.n_eval_samples,
+            # interrupted and resumed: training seconds summed over wall-clock segments (environment)
+            "resumed": bool((rec.environment or {}).get("resumed", False)),
         }
         for k in USAGE_KEYS:
             base[f"run_{k}"] = float(rec.usage.get(k, np.nan)) if rec.usage else np.nan
@@ -222,6 +224,7 @@ def summarise_runs(df: pd.DataFrame, metric: str, levels: dict[str, float]) -> p
                 "threads": first["threads"],
                 "load": first["load"],
                 "n_eval_samples": first["n_eval_samples"],
+                "resumed": bool(first["resumed"]) if "resumed" in first.index else False,
                 "train_s": train_s,
                 "sample_s": sample_s,
                 "energy_evals": first["run_energy_evals"],
@@ -442,6 +445,7 @@ def timing_table(
             "s_per_step": list(use["s_per_step"]),
             "final": list(use["final"]),
             "n_reached": len(reached),
+            "n_resumed": int(use["resumed"].astype(bool).sum()) if "resumed" in use.columns else 0,
             "ttl_seconds": list(reached["ttl_seconds"]),
             "ttl_evals": list(reached["ttl_evals"]),
             "ttl_seconds_mean": float(reached["ttl_seconds"].mean()) if len(reached) else float("nan"),
@@ -456,6 +460,8 @@ def timing_table(
     for m in methods_all:
         c = cells[m]
         name = _display_name("method", m) + (" (baseline)" if m == baseline else "")
+        if c.get("n_resumed"):
+            name += " †"  # includes resumed runs (see the notes)
         if c["n_runs"] == 0:
             why = "missing" if _registered(m) else "missing (not registered)"
             rows.append([name, why] + ["—"] * (len(columns) - 2))
@@ -539,6 +545,15 @@ def _notes(
             "`(external)`: a sampler scored from its saved samples with `python -m harness.score`; its "
             "training time and energy evaluations are self-reported (`—` when not given) and were measured "
             "elsewhere, so they are not comparable with the other rows' wall-clock."
+        )
+
+    if "resumed" in tr.columns and tr["resumed"].astype(bool).any():
+        n = int(tr["resumed"].astype(bool).sum())
+        notes.append(
+            f"†: {n} run(s) were interrupted and resumed from a checkpoint; their training wall-clock is the "
+            "sum over the segments they ran in (each segment's seconds are in the record's "
+            "`environment.segments`) and may differ from an uninterrupted run (warm-up, other load): "
+            "`--exclude-resumed` leaves them out."
         )
 
     def distinct(col: str) -> list[str]:
@@ -650,8 +665,15 @@ def timing_report(
     level: float | None = None,
     baseline: str | None = None,
     methods_expected: Sequence[str] | None = None,
+    exclude_resumed: bool = False,
 ) -> list[TimingTable]:
-    """All targets' tables for the runs in ``df`` (one grid)."""
+    """All targets' tables for the runs in ``df`` (one grid). ``exclude_resumed``: leave out runs that were
+    interrupted and resumed (otherwise they are marked † and counted in a note)."""
+    n_excluded = 0
+    if exclude_resumed and "resumed" in df.columns:
+        keep = ~df["resumed"].astype(bool)
+        n_excluded = int(df.loc[~keep].groupby(["target", "method", "replicate"]).ngroups)
+        df = df[keep]
     if df.empty:
         return []
     grids = sorted(df["grid"].unique())
@@ -671,7 +693,7 @@ def timing_report(
         raise ValueError(
             f"unknown baseline method {baseline!r}; methods in the records: {', '.join(present)}"
         )
-    return [
+    tables = [
         timing_table(
             runs,
             t,
@@ -683,6 +705,10 @@ def timing_report(
         )
         for t in sorted(runs["target"].unique())
     ]
+    if n_excluded:
+        for t in tables:
+            t.notes.append(f"{n_excluded} resumed run(s) excluded (--exclude-resumed).")
+    return tables
 
 
 def grid_methods(grid: str) -> list[str] | None:
@@ -717,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="results/tables", help="tables directory (default results/tables)")
     p.add_argument("--figures", default="results/figures", help="figures directory (default results/figures)")
     p.add_argument("--no-figures", action="store_true", help="skip the plots")
+    p.add_argument("--exclude-resumed", action="store_true",
+                   help="leave out runs that were interrupted and resumed (default: keep them, marked †)")
     a = p.parse_args(argv)
     try:
         df = load_runs(a.results, a.grid)
@@ -728,7 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for grid in sorted(df["grid"].unique()):
             exp = expected if expected is not None else grid_methods(grid)
-            tables = timing_report(df[df["grid"] == grid], a.metric, a.threshold, a.level, a.baseline, exp)
+            tables = timing_report(df[df["grid"] == grid], a.metric, a.threshold, a.level, a.baseline, exp,
+                                   exclude_resumed=a.exclude_resumed)
             md = [f"## Timing — grid `{grid}`\n"]
             tex = []
             for t in tables:

@@ -172,3 +172,21 @@ def test_describe_and_eta():
     line = pg.describe(snap)
     assert line == ("[a/b/c/r0] step 50/100 50.0% | energy evals 1e+03 | e_w2 0.1 @30% | 1m05s elapsed, "
                     "eta 1h01m")
+
+
+def test_timing_marks_or_excludes_resumed_cells(toy_method, fast_metrics, tmp_path):
+    from harness import timing
+
+    root = tmp_path / "runs"
+    job.run_one(_spec(replicate=0), root, progress="off")
+    resumed = _spec(replicate=1, seed=8)
+    _cut(resumed, root, 4)
+    job.run_one(resumed, root, checkpoint_every_s=0.0, progress="off")
+    df = timing.load_runs(root)
+    assert df.groupby("replicate")["resumed"].first().to_dict() == {0: False, 1: True}
+    (t,) = timing.timing_report(df, metric="x_w2", baseline=None)
+    assert t.rows[0][0].endswith(" †") and t.cells["toy"]["n_resumed"] == 1
+    assert any(n.startswith("†: 1 run(s) were interrupted and resumed") for n in t.notes)
+    (t,) = timing.timing_report(df, metric="x_w2", baseline=None, exclude_resumed=True)
+    assert not t.rows[0][0].endswith(" †") and t.cells["toy"]["n_runs"] == 1
+    assert "1 resumed run(s) excluded (--exclude-resumed)." in t.notes
