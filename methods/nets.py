@@ -147,6 +147,11 @@ class _EdgeWeights(NamedTuple):
     wc2: Tensor
 
 
+def _silu_backward(grad: Tensor, v: Tensor) -> Tensor:
+    """grad · SiLU'(v) in one fused pass."""
+    return torch.ops.aten.silu_backward(grad, v)
+
+
 class _EdgeSpec(NamedTuple):
     jidx: Tensor  # [n, n−1] long: the j ≠ i of each row i, in increasing order
     attention: bool
@@ -156,15 +161,11 @@ class _EdgeSpec(NamedTuple):
     chunk: int  # configurations per chunk
 
 
-def _silu_grad(v: Tensor) -> Tensor:
-    s = torch.sigmoid(v)
-    return s * (1.0 + v * (1.0 - s))
-
-
 def _pre_activation(A: Tensor, Bm: Tensor, r: Tensor, e0: Tensor, w: _EdgeWeights, jidx: Tensor) -> Tensor:
     """u_ij = W_a h_i + b + W_b h_j + w_r r_ij + w_e e_ij for the off-diagonal pairs: [C, n, n−1, H]
     (a fresh tensor; the first edge Linear per node, broadcast over pairs)."""
-    u = Bm[:, jidx]
+    C, n, H = Bm.shape
+    u = Bm.index_select(1, jidx.reshape(-1)).view(C, n, n - 1, H)  # W_b h_j (index_select: a fast gather)
     u += A.unsqueeze(2)
     u.addcmul_(r.unsqueeze(-1), w.w_r)
     u.addcmul_(e0.unsqueeze(-1), w.w_e)
@@ -344,7 +345,7 @@ def _edge_backward_chunked(
         dr_den = -(dcoef * coef / den) * 0.5 / sq  # through 1 / (sqrt(r + 1e-8) + 1)
         do = dphi * cr * (1.0 - th * th) if spec.tanh else dphi
         gwc2.addmv_(c.t(), do)
-        dq = torch.outer(do, w.wc2).mul_(_silu_grad(q))
+        dq = _silu_backward(torch.outer(do, w.wc2), q)
         gbc += dq.sum(0)
         if s is not None:
             ds = (dq * yc).sum(-1)
@@ -368,10 +369,10 @@ def _edge_backward_chunked(
                 dm.view(C, n, k, H).addcmul_(gh[i0:i1].unsqueeze(2), s.view(C, n, k, 1))
             else:
                 dm.view(C, n, k, H).add_(gh[i0:i1].unsqueeze(2))
-        dz = dm.mul_(_silu_grad(z))
+        dz = _silu_backward(dm, z)
         gW2.addmm_(dz.t(), a)
         gb2 += dz.sum(0)
-        du = (dz @ w.W2).mul_(_silu_grad(u))
+        du = _silu_backward(dz @ w.W2, u)
         gw_r.addmv_(du.t(), rc.reshape(P))
         gw_e.addmv_(du.t(), ec.reshape(P))
         du4 = du.view(C, n, k, H)
