@@ -293,7 +293,7 @@ def _main(argv: list[str] | None = None, stream=None) -> int:
                 action = "resume"
             print(f"  {s.cell_id:<32} seed={s.seed:<10} {c.state:<11} -> {action:<6} "
                   f"budget[{', '.join(f'{k}={v}' for k, v in s.budget.items())}] "
-                  f"({ex.budget_sources[(s.target, s.method)]}) time={ex.time_limit_min(s)}min"
+                  f"({ex.budget_sources[(s.target, s.method)]}) slurm-limit={ex.time_limit_min(s)}min"
                   + (f"  config{s.config}" if s.config else ""), file=out)
         print(_totals(ex, pl.to_run, executor, per_cell), file=out)
         print(f"dry run: would run {len(pl.to_run)} cell(s) with executor "
