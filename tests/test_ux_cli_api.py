@@ -112,3 +112,52 @@ def test_targets_take_numpy_arrays(key):
     with pytest.raises(ValueError, match="NumPy array of shape"):
         t.energy([[0.0] * t.dim])
     assert isinstance(t.energy(torch.from_numpy(x64)), torch.Tensor)  # tensors stay tensors
+
+
+def test_ctrl_c_in_the_debug_executor_checkpoints_and_says_so_once(capsys, tmp_path):
+    import os
+    import signal
+    import threading
+
+    from harness import progress as pg
+
+    results = tmp_path / "runs"
+    args = ["--grid", "smoke", "--methods", "mcmc", "--targets", "dw4", "--executor", "debug",
+            "--results", str(results), "--set", "budget.steps=100000000", "--set", "budget.wall_seconds=120"]
+    cell = results / "smoke/dw4/mcmc/r0"
+
+    def interrupt():
+        for _ in range(600):
+            snap = pg.read_progress(cell)
+            if snap and snap.get("step", 0) >= 5:
+                break
+            threading.Event().wait(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    th = threading.Thread(target=interrupt)
+    th.start()
+    rc = cli.main(args)
+    th.join()
+    out = capsys.readouterr()
+    assert rc == 130
+    lines = [ln for ln in out.err.splitlines() if "interrupted (Ctrl-C)" in ln]
+    assert len(lines) == 1, out.err
+    assert "1 running cell(s) checkpointed (smoke/dw4/mcmc/r0 at step" in lines[0]
+    assert "Traceback" not in out.err + out.out
+    assert (cell / "checkpoint.pt").exists() and not (cell / "record.json").exists()
+
+
+def test_launcher_progress_lines_without_a_terminal():
+    import io
+
+    from harness.dispatch import Progress
+
+    buf = io.StringIO()
+    p = Progress(3, buf, interactive=False, every_s=1e-9)
+    snap = {"cell": "cpu/dw4/idem/r0", "step": 12, "steps_limit": 100, "fraction": 0.12,
+            "train_energy_evals": 5000, "metric": ["val_x_w2", 0.5], "metric_at": 0.1, "elapsed_s": 30,
+            "eta_s": 220}
+    p.last_lines = -1e9
+    p.running(1, {"cpu/dw4/idem/r0": snap})
+    assert buf.getvalue().startswith("  running [cpu/dw4/idem/r0] step 12/100 12.0% | energy evals 5e+03 | "
+                                     "val_x_w2 0.5 @10% | 30s elapsed, eta 3m40s")
