@@ -36,8 +36,11 @@ tables: setup
 timing: setup
 	$(PY) -m harness.timing --results $(RESULTS)
 
+# micro-benchmarks; then the in-run ratios (our EGNN vs the edge-list EGNN) and the peak memory of each
+# paper-setting training step (docs/timing.md)
 bench: setup
 	$(PY) -m pytest -q -m bench --benchmark-enable --benchmark-json=results/bench.json tests/bench
+	$(PY) scripts/bench_compare.py results/bench.json --extra
 
 # generated references go to data/generated with a manifest (fixed seeds: re-running regenerates them).
 # dw4 is only needed where the published DW-4 splits are absent; lj55 takes a few hours of one CPU core.

@@ -2,13 +2,16 @@
 """Compare a pytest-benchmark JSON (``make bench`` writes results/bench.json) against a stored baseline.
 
     python scripts/bench_compare.py [CURRENT] [BASELINE] [--stat min] [--factor 1.5] [--fail]
-                                    [--ratio SLOW FAST ...]
+                                    [--ratio SLOW FAST ...] [--extra]
 
 Prints, per benchmark present in both files, the baseline and current times and the ratio current/baseline
 (> 1: slower now). Ratios above ``--factor`` are flagged REGRESSION, below 1/factor "faster". Benchmarks in
 only one file are listed. ``--fail`` exits 1 when any regression is flagged. ``--ratio A B`` prints
 time(A)/time(B) inside the current file (the "X is k× faster than Y, measured in one run" numbers); A and B
-are substrings of benchmark names that must each match exactly one benchmark.
+are substrings of benchmark names that must each match exactly one benchmark. ``--extra`` prints, from the
+current file, what benchmarks store beside their time: side-by-side ratios measured inside one benchmark
+(``ratio``, e.g. bench_egnn.py's edge-list / ours, interleaved) and the peak memory of training steps
+(``peak_rss_mb``).
 
 A ratio across files is only meaningful on the same machine and set-up: differences in the machine info
 (host, CPU, torch version and threads, device, GPU) are printed as a warning first.
@@ -110,6 +113,36 @@ def within_ratio(data: dict[str, Any], slow: str, fast: str, stat: str = "median
     return a, b, t[a] / t[b]
 
 
+EXTRA_KEYS = ("ratio", "edge_list_min_s", "ours_min_s", "peak_rss_mb", "cuda_peak_mb")
+
+
+def extra_rows(data: dict[str, Any], stat: str = "min") -> list[list[str]]:
+    """[name, time, ratio, edge-list s, ours s, peak RSS MiB, CUDA peak MiB] for benchmarks whose extra_info
+    holds any of EXTRA_KEYS."""
+    rows = []
+    for b in data["benchmarks"]:
+        ex = b.get("extra_info") or {}
+        if not any(k in ex for k in EXTRA_KEYS):
+            continue
+
+        def num(k: str, fmt: str, ex: dict[str, Any] = ex) -> str:
+            v = ex.get(k)
+            return format(float(v), fmt) if isinstance(v, (int, float)) else "—"
+
+        rows.append([b.get("fullname") or b["name"], _fmt_s(float(b["stats"][stat])), num("ratio", ".2f"),
+                     num("edge_list_min_s", ".4g"), num("ours_min_s", ".4g"), num("peak_rss_mb", ".0f"),
+                     num("cuda_peak_mb", ".0f")])
+    return rows
+
+
+def render_extra(data: dict[str, Any], stat: str = "min") -> str:
+    from tabulate import tabulate
+
+    return tabulate(extra_rows(data, stat),
+                    headers=["benchmark", stat, "ratio", "edge-list s", "ours s", "peak RSS MiB", "CUDA MiB"],
+                    tablefmt="pipe", disable_numparse=True)
+
+
 def _fmt_s(x: float) -> str:
     if not math.isfinite(x):
         return "—"
@@ -155,13 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="print time(SLOW)/time(FAST) within the current file (repeatable)",
     )
+    p.add_argument("--extra", action="store_true",
+                   help="print in-benchmark ratios and peak memory from the current file")
     a = p.parse_args(argv)
     try:
         cur = load(a.current)
         for slow, fast in a.ratio:
             n1, n2, r = within_ratio(cur, slow, fast, a.stat)
             print(f"{n1} / {n2} = {r:.2f} ({a.stat}, one run: {a.current})")
-        if a.ratio and not Path(a.baseline).exists():
+        if a.extra:
+            print(render_extra(cur, a.stat))
+        if (a.ratio or a.extra) and not Path(a.baseline).exists():
             return 0
         base = load(a.baseline)
         diffs = machine_differences(cur, base)
