@@ -124,8 +124,14 @@ class MethodConfig:
                     f"{type(self).__qualname__}.{k} expects {_hint_name(hints[k])}, "
                     f"got {v!r} ({type(v).__name__})"
                 )
+        errors = []
         for k, v in overrides.items():  # before the class's own __post_init__ checks: name the range
-            self._check_range(k, v)
+            try:
+                self._check_range(k, v)
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            raise ValueError("; ".join(errors))
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
