@@ -327,8 +327,10 @@ def _main(argv: list[str] | None = None, stream=None) -> int:
         max_requeues=args.max_requeues,
         job_name=f"bb-{args.grid}",
     )
-    print(f"running {len(todo)} cell(s) with the {_executor_note(args.executor, executor)} executor"
-          + (f" ({min(opts.jobs, len(todo))} in parallel)" if executor == "local" else ""),
+    how = "" if args.executor != "auto" else (" (auto: a SLURM controller answers)" if executor == "slurm"
+                                              else " (auto: no SLURM controller answers)")
+    print(f"running {len(todo)} cell(s) on the {executor} executor{how}"
+          + (f", {min(opts.jobs, len(todo))} in parallel" if executor == "local" else ""),
           file=out, flush=True)
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
