@@ -618,8 +618,11 @@ def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: 
 
     d["training energy evals"] = d["energy_evals"] - d["sample_energy_evals"].fillna(0)
     d["training wall-clock (s)"] = d["train_seconds"]
+    from harness.figures import method_color, metric_label
+
+    palette = {_display_name("method", m): method_color(m) for m in d["method"].unique()}  # as every figure
     d["method"] = [_display_name("method", m) for m in d["method"]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True, layout="constrained")
     for ax, x in zip(axes, ["training wall-clock (s)", "training energy evals"]):
         sns.lineplot(
             data=d,
@@ -627,22 +630,27 @@ def plot_target(df: pd.DataFrame, target: str, metric: str, level: float, path: 
             y=col,
             hue="method",
             hue_order=sorted(d["method"].unique()),
+            palette=palette,
             units="replicate",
             estimator=None,
             marker="o",
             ax=ax,
-            legend=ax is axes[-1],
+            legend=False,
         )
         if (d[x] > 0).all():
             _log_axis(ax.xaxis, ax.set_xscale, d[x].to_numpy(dtype=float))
         if _finite(level):
             ax.axhline(level, ls="--", c="grey", lw=1)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric_label(metric))
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=palette[n], marker="o", label=n) for n in sorted(palette)]
+    fig.legend(handles=handles, title="method", loc="outside right upper", fontsize=8, frameon=False)
     yv = d[col].to_numpy(dtype=float)
     if (yv > 0).all() and yv.max() / yv.min() > 100:  # metrics spanning decades: log scale, shared y
         _log_axis(axes[0].yaxis, axes[0].set_yscale, yv)
-    fig.suptitle(f"{_display_name('target', target)}: {metric} vs cost (dashed: level {_fmt(level)})")
-    fig.tight_layout()
+    fig.suptitle(f"{_display_name('target', target)}: {metric_label(metric)} vs cost "
+                 f"(dashed: level {_fmt(level)})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
