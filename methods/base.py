@@ -179,7 +179,7 @@ FIELD_RANGES: dict[str, Range] = {
             "lr", "sigma_min", "sigma_max", "step_size", "init_scale", "prior_std", "noise_total",
             "base_scale",
             "grad_clip", "max_grad", "max_score_norm", "negative_time_dt", "negative_time_clip",
-            "diffusion_scale", "diffusion_sq", "horizon", "warmup_max_step", "nn_clip", "score_clip",
+            "diffusion_scale", "diffusion_sq", "horizon", "warmup_max_step",
             "coord_scale", "grad_norm_clip", "w_adjust_max_clip", "boot_sigma_min", "boot_sigma_max",
             "boot_variance", "lambda_eps", "denoiser_clip", "alpha", "lr_final_factor",
         ),
@@ -187,7 +187,8 @@ FIELD_RANGES: dict[str, Range] = {
     ),
     **dict.fromkeys(
         ("weight_decay", "t0_weight", "negative_time_steps", "warmup_levels", "bootstrap_start_step",
-         "buffer_min", "n_intermediate", "burnin_steps"),
+         "buffer_min", "n_intermediate", "burnin_steps",
+         "nn_clip", "score_clip"),  # PIS/DDS: 0 switches the network output / Langevin input off
         NON_NEGATIVE,
     ),
     **dict.fromkeys(
