@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None, stream=None) -> int:
         print(e.message, file=sys.stderr, flush=True)
         return 128 + e.signum
     except KeyboardInterrupt as e:  # before anything was submitted, or an in-process (debug) cell
-        msg = getattr(e, "message", "") or "interrupted before any cell was submitted; nothing to resume"
+        msg = getattr(e, "message", "") or "before any cell was submitted; nothing to resume"
         print(f"interrupted: {msg}", file=sys.stderr, flush=True)
         return 128 + int(getattr(e, "signum", signal.SIGINT))
 
