@@ -134,7 +134,7 @@ class CellProgress:
         self.callback = callback
         self.t0 = time.monotonic()
         self.frac0 = self._fraction()
-        self.last_file = self.last_log = self.last_bar = -math.inf
+        self.last_file = self.last_log = self.last_bar = self.last_cb = -math.inf
         self.metric: tuple[str, float] | None = None
         self.metric_at: float | None = None
         self.loss: float | None = None
@@ -194,7 +194,8 @@ class CellProgress:
         file_due = self.path is not None and (force or now - self.last_file >= self.file_every_s)
         log_due = self.mode == "lines" and self.every_s > 0 and (force or now - self.last_log >= self.every_s)
         bar_due = self.mode == "bar" and (force or now - self.last_bar >= 0.2)
-        if not (file_due or log_due or bar_due or self.callback is not None):
+        cb_due = self.callback is not None and (force or now - self.last_cb >= 0.2)
+        if not (file_due or log_due or bar_due or cb_due):
             return
         snap = self.snapshot(state)
         if file_due:
@@ -212,7 +213,8 @@ class CellProgress:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()
             self._bar_shown = True
-        if self.callback is not None:
+        if cb_due:
+            self.last_cb = now
             self.callback(snap)
 
     def _write(self, snap: dict[str, Any]) -> None:
@@ -225,9 +227,12 @@ class CellProgress:
             pass
 
     def close(self, state: str = "finished") -> None:
-        """Final snapshot (file) and end of the live line."""
+        """Final snapshot (file, callback) and end of the live line."""
+        snap = self.snapshot(state)
         if self.path is not None:
-            self._write(self.snapshot(state))
+            self._write(snap)
+        if self.callback is not None:
+            self.callback(snap)
         if self._bar_shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
