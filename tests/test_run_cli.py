@@ -37,7 +37,7 @@ def _main(args, capsys):
     [
         (["--grid", "nope"], "valid grids: smoke, cpu, paper, full, equal-evals"),
         (["--grid", "smoke", "--methods", "nope"], "valid methods: "),
-        (["--grid", "smoke", "--targets", "lj7"], "valid targets: dw4, gmm40, lj13, lj55"),
+        (["--grid", "smoke", "--targets", "lj7"], "valid targets: dw4, dw4-bnem, gmm40, lj13, lj55"),
         (["--grid", "smoke", "--set", "toy.nope=1"], "valid keys: batch_size"),
         (["--grid", "smoke", "--set", "toy.batch_size=abc"], "expects an int"),
         (["--grid", "smoke", "--set", "oops"], "malformed override"),
