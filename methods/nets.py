@@ -15,11 +15,16 @@ All modules take flat inputs (``t`` [B], ``x`` [B, dim]) and are device-agnostic
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_T = TypeVar("_T")
 
 
 def _as_batch_time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -122,9 +127,11 @@ class TimeMLP(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ EGNN
 # Pair rows (configurations × ordered pairs) processed at once by the edge kernels: the [rows, hidden] pair
-# tensors of one chunk (≈ 2 MiB at 4096 × 128 float32) stay in cache between the elementwise passes and the
+# tensors of one chunk (4 MiB at 8192 × 128 float32) stay in cache between the elementwise passes and the
 # two matmuls, instead of streaming [B, n, n, hidden] tensors through memory (measured in tests/bench).
-EDGE_CHUNK_ROWS = 4096
+EDGE_CHUNK_ROWS = 8192
+# with k > 1 torch threads on a CPU, chunks are spread over k worker threads (see _map_chunks)
+PARALLEL_CHUNKS = True
 N_EDGE_INPUTS = 12  # tensor inputs of _EdgeAggregate: A, Bm, diff, e0 and the eight _EdgeWeights
 
 
@@ -272,8 +279,52 @@ class _EdgeAggregate(torch.autograd.Function):
         return (*_edge_backward_chunked(saved, gx, gh if spec.need_h else None, spec, need), None)
 
 
+def _chunk_configs(B: int, n: int, x: Tensor) -> int:
+    """Configurations per chunk: ``EDGE_CHUNK_ROWS`` pair rows, and at least one chunk per worker thread on a
+    CPU (``_map_chunks``); on other devices the whole batch at once."""
+    if x.device.type != "cpu":
+        return max(1, B)
+    c = max(1, EDGE_CHUNK_ROWS // (n * (n - 1)))
+    k = torch.get_num_threads()
+    if PARALLEL_CHUNKS and k > 1:
+        c = min(c, max(1, -(-B // k)))
+    return c
+
+
 def _chunks(B: int, c: int) -> list[tuple[int, int]]:
     return [(i, min(B, i + c)) for i in range(0, B, c)]
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _map_chunks(fn: Callable[[tuple[int, int]], _T], chunks: list[tuple[int, int]],
+                device: torch.device) -> list[_T]:
+    """[fn(c) for c in chunks]; on a CPU with k > 1 torch threads, k worker threads take whole chunks, each
+    computing with one torch thread. Chunks write disjoint rows, so the result does not depend on the split;
+    there is no synchronisation between threads inside an op, which keeps both cores busy when the machine
+    is shared (per-op two-thread parallelism stalls whenever one core is taken by another process)."""
+    k = torch.get_num_threads()
+    if not PARALLEL_CHUNKS or device.type != "cpu" or k <= 1 or len(chunks) < 2:
+        return [fn(c) for c in chunks]
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != k:
+            _POOL = ThreadPoolExecutor(max_workers=k, thread_name_prefix="egnn-chunks")
+        pool = _POOL
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(c: tuple[int, int]) -> _T:
+        # grad and inference modes are thread-local: the workers take the caller's
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(c)
+
+    torch.set_num_threads(1)
+    try:
+        return list(pool.map(run, chunks))
+    finally:
+        torch.set_num_threads(k)
 
 
 def _edge_forward_chunked(
@@ -282,11 +333,16 @@ def _edge_forward_chunked(
     B, n, H = A.shape
     agg_x = A.new_empty(B, n, diff.shape[-1])
     agg_h = A.new_empty(B, n, H if spec.need_h else 0)
-    for i, j in _chunks(B, spec.chunk):
+
+    def run(c: tuple[int, int]) -> None:
+        i, j = c
         ax, ah = _edge_forward_chunk(A[i:j], Bm[i:j], diff[i:j], e0[i:j], w, spec)
         agg_x[i:j] = ax
         if ah is not None:
             agg_h[i:j] = ah
+
+    with torch.no_grad():
+        _map_chunks(run, _chunks(B, spec.chunk), A.device)
     return agg_x, agg_h
 
 
@@ -304,17 +360,20 @@ def _edge_backward_chunked(
     gB = torch.zeros_like(Bm) if need[1] else None
     gdiff = torch.empty_like(diff) if need[2] else None
     ge0 = torch.empty_like(e0) if need[3] else None
-    gw_r = torch.zeros_like(w.w_r)
-    gw_e = torch.zeros_like(w.w_e)
-    gW2 = torch.zeros_like(w.W2)
-    gb2 = torch.zeros_like(w.b2)
-    gWc = torch.zeros_like(w.Wc)
-    gbc = torch.zeros_like(w.bc)
-    gbatt = torch.zeros_like(w.batt) if w.batt is not None else None
-    gwc2 = torch.zeros_like(w.wc2)
     cr = spec.coords_range
-    for i0, i1 in _chunks(B, spec.chunk):
+
+    def chunk_backward(c: tuple[int, int]) -> list[Tensor | None]:
+        """Writes this chunk's rows of the input gradients; returns its parameter gradients."""
+        i0, i1 = c
         C = i1 - i0
+        gw_r = torch.zeros_like(w.w_r)
+        gw_e = torch.zeros_like(w.w_e)
+        gW2 = torch.zeros_like(w.W2)
+        gb2 = torch.zeros_like(w.b2)
+        gWc = torch.zeros_like(w.Wc)
+        gbc = torch.zeros_like(w.bc)
+        gbatt = torch.zeros_like(w.batt) if w.batt is not None else None
+        gwc2 = torch.zeros_like(w.wc2)
         P = C * n * k
         ec, dc = e0[i0:i1], diff[i0:i1]
         rc = dc.square().sum(-1)
@@ -385,12 +444,20 @@ def _edge_backward_chunked(
             gdiff[i0:i1] = torch.addcmul(coef.view(C, n, k, 1) * gx[i0:i1].unsqueeze(2), gr, dc, value=2.0)
         if ge0 is not None:
             ge0[i0:i1] = (du @ w.w_e).view(C, n, k)
-    ng = need
-    return [
-        gA, gB, gdiff, ge0,
-        gw_r if ng[4] else None, gw_e if ng[5] else None, gW2 if ng[6] else None, gb2 if ng[7] else None,
-        gWc if ng[8] else None, gbc if ng[9] else None, gbatt if ng[10] else None, gwc2 if ng[11] else None,
-    ]
+        return [gw_r, gw_e, gW2, gb2, gWc, gbc, gbatt, gwc2]
+
+    with torch.no_grad():
+        parts = _map_chunks(chunk_backward, _chunks(B, spec.chunk), A.device)
+    wgrads: list[Tensor | None] = []
+    for idx, first in enumerate(parts[0]):
+        if first is None or not need[4 + idx]:
+            wgrads.append(None)
+            continue
+        total = first
+        for part in parts[1:]:
+            total += part[idx]
+        wgrads.append(total)
+    return [gA, gB, gdiff, ge0, *wgrads]
 
 
 class EGCL(nn.Module):
@@ -449,8 +516,7 @@ class EGCL(nn.Module):
         A = torch.addmm(self.edge_in.bias, h2, w1[:, :H].t()).view(B, n, H)
         Bm = (h2 @ w1[:, H : 2 * H].t()).view(B, n, H)
         diff = x.unsqueeze(2) - x[:, jidx]  # [B, n, n−1, d]: x_i − x_j
-        spec = _EdgeSpec(jidx, self.attention, self.tanh, self.coords_range, need_h,
-                         max(1, EDGE_CHUNK_ROWS // (n * (n - 1))))
+        spec = _EdgeSpec(jidx, self.attention, self.tanh, self.coords_range, need_h, _chunk_configs(B, n, x))
         w = self.edge_weights()
         tracked = (A, Bm, diff, edge_attr, *(p for p in w if p is not None))
         if torch.is_grad_enabled() and any(v.requires_grad for v in tracked):
