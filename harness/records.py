@@ -196,6 +196,8 @@ def record_rows(rec: RunRecord, path: str | Path | None = None) -> list[dict[str
     base["primary_protocol"] = s.protocol
     env = rec.environment if isinstance(rec.environment, dict) else {}
     base["resumed"] = bool(env.get("resumed", False))
+    base["n_segments"] = len(env.get("segments") or []) or (1 if rec.started_at else 0)
+    base["checkpoint_recovered"] = bool(env.get("checkpoint_recovery"))
     if not rec.evaluations:
         return [{**base, "checkpoint": -1, "is_final": True, "is_selected": True, "fraction": float("nan"),
                  "step": None}]

@@ -277,10 +277,11 @@ def _main(argv: list[str] | None = None, stream=None) -> int:
     mismatched = pl.by_state("mismatch")
     unscorable = _unscorable(pl.to_run)
     if unscorable:
-        print("warning: cells that cannot be scored under their protocol (they are refused when they "
-              "start; fix the reference or the sample size first):", file=out)
+        print(f"{'warning' if args.dry_run else 'error'}: cells that cannot be scored under their protocol "
+              "(refused before they train; fix the reference or the sample size first, or leave them out "
+              "with --targets / --methods):", file=out if args.dry_run else sys.stderr)
         for line in unscorable:
-            print(f"  {line}", file=out)
+            print(f"  {line}", file=out if args.dry_run else sys.stderr)
     n_jobs = args.jobs or (os.cpu_count() or 1)
     n_par = max(1, min(n_jobs, len(pl.to_run) or 1))
     per_cell = args.threads or (args.cpus_per_task if executor == "slurm"
@@ -299,6 +300,8 @@ def _main(argv: list[str] | None = None, stream=None) -> int:
         print(f"dry run: would run {len(pl.to_run)} cell(s) with executor "
               f"{_executor_note(args.executor, executor)}", file=out)
         return 0
+    if unscorable:
+        return _fail(f"{len(unscorable)} cell(s) cannot be scored (listed above); nothing was submitted")
     if mismatched and not args.force:
         for c in mismatched[:10]:
             print(f"  {c.spec.cell_id}: {c.detail}", file=sys.stderr)

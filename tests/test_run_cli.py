@@ -132,3 +132,18 @@ def test_device_and_gpu_resolution():
         cli.resolve_device("cpu", "local", 1)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert cli.resolve_device("auto", "local", None) == (expected, 0)
+
+
+def test_cells_that_cannot_be_scored_are_refused_at_launch_with_nothing_submitted(
+    toy_method, tmp_path, capsys, monkeypatch
+):
+    from harness import metrics
+
+    monkeypatch.setitem(metrics.PROTOCOL_SPECS["boltzbench"].sizes, "dw4", (10**6, 10**6))
+    args = ["--grid", "cpu", "--methods", "toy", "--targets", "dw4", "--seeds", "1", "--executor", "local",
+            "--results", str(tmp_path / "r"), "--plugin", PLUGIN]
+    rc, out, err = _main(args + ["--dry-run"], capsys)
+    assert rc == 0 and "cannot be scored" in out and "needs 1000000" in out
+    rc, out, err = _main(args, capsys)
+    assert rc == 2 and "cannot be scored" in err and "python -m targets.reference" in err
+    assert not (tmp_path / "r" / "cpu").exists()
