@@ -580,7 +580,10 @@ class _Boltz:
         self.Ma = None
         self.particle = _is_particle(target)
         if self.particle and n_aligned:
-            na_g, na_r = min(n_aligned, g.x.shape[0]), min(n_aligned, r.x.shape[0])
+            # a batch smaller than the aligned size is aligned against as many reference rows (square,
+            # exact-assignment OT; the protocol sizes, with n_generated >= n_aligned, are unaffected)
+            na_g = min(n_aligned, g.x.shape[0])
+            na_r = min(n_aligned, r.x.shape[0], na_g)
             self.Ma = aligned_sq_cost(g.x[:na_g], r.x[:na_r], target.n_particles, target.spatial_dim)
 
     def values(self, ig: np.ndarray | None = None, ir: np.ndarray | None = None,
