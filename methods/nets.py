@@ -262,16 +262,20 @@ class _EdgeAggregate(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
             # on fresh aliases of the inputs: autograd.grad w.r.t. an alias counts only the paths through this
             # recomputation (an input may itself depend on another input, e.g. through earlier layers)
-            alias = [v.view_as(v) if v is not None else None for v in saved]
+            # recomputation (an input may itself depend on another input, e.g. through earlier layers). The
+            # recomputed graph is kept with ctx: repeated backward passes through the same forward (an exact
+            # divergence takes one per coordinate) reuse it instead of recomputing.
+            if getattr(ctx, "recomputed", None) is None:
+                alias = [v.view_as(v) if v is not None else None for v in saved]
+                ctx.recomputed = (alias, _edge_forward_plain(*alias[:4], _EdgeWeights(*alias[4:]), spec))
+            alias, out = ctx.recomputed
             idx = [i for i in range(N_EDGE_INPUTS) if need[i]]
-            w = _EdgeWeights(*alias[4:])
-            out = _edge_forward_plain(*alias[:4], w, spec)
             outs, gouts = [out[0]], [gx]
             if spec.need_h:
                 outs.append(out[1])
                 gouts.append(gh)
             got = torch.autograd.grad(outs, [alias[i] for i in idx], gouts, create_graph=True,
-                                      allow_unused=True)
+                                      retain_graph=True, allow_unused=True)
             grads: list[Tensor | None] = [None] * N_EDGE_INPUTS
             for i, g in zip(idx, got):
                 grads[i] = g
