@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from methods.nets import stored_activations
+
 __all__ = ["MLP", "AffineCoupling", "InvertibleLinearLU", "RealNVP", "MeanFreeGaussian", "EquivariantCNF"]
 
 
@@ -286,7 +288,8 @@ class EquivariantCNF(nn.Module):
         with torch.enable_grad():
             xin = x if x.requires_grad else x.detach().requires_grad_(True)
             tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-            v = self.field(tt, xin)
+            with stored_activations():  # an EGNN field is differentiated once per coordinate / twice
+                v = self.field(tt, xin)
             if self.exact:
                 div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
                 for i in range(self.dim):

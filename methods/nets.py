@@ -14,9 +14,10 @@ All modules take flat inputs (``t`` [B], ``x`` [B, dim]) and are device-agnostic
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
@@ -283,6 +284,22 @@ class _EdgeAggregate(torch.autograd.Function):
         return (*_edge_backward_chunked(saved, gx, gh if spec.need_h else None, spec, need), None)
 
 
+_MODE = threading.local()
+
+
+@contextlib.contextmanager
+def stored_activations() -> Iterator[None]:
+    """Inside this block EGNN layers record the plain autograd graph (pair activations stored) instead of
+    the recomputing Function: faster where one forward is differentiated several times or to second order
+    (a flow's exact divergence, an energy network's score under ``create_graph``), at O(B·n²·H) memory."""
+    prev = getattr(_MODE, "stored", False)
+    _MODE.stored = True
+    try:
+        yield
+    finally:
+        _MODE.stored = prev
+
+
 def _chunk_configs(B: int, n: int, x: Tensor) -> int:
     """Configurations per chunk: ``EDGE_CHUNK_ROWS`` pair rows, and at least one chunk per worker thread on a
     CPU (``_map_chunks``); on other devices the whole batch at once."""
@@ -524,7 +541,10 @@ class EGCL(nn.Module):
         w = self.edge_weights()
         tracked = (A, Bm, diff, edge_attr, *(p for p in w if p is not None))
         if torch.is_grad_enabled() and any(v.requires_grad for v in tracked):
-            agg_x, agg_h = _EdgeAggregate.apply(A, Bm, diff, edge_attr, *w, spec)
+            if getattr(_MODE, "stored", False):
+                agg_x, agg_h = _edge_forward_plain(A, Bm, diff, edge_attr, w, spec)
+            else:
+                agg_x, agg_h = _EdgeAggregate.apply(A, Bm, diff, edge_attr, *w, spec)
         else:
             agg_x, agg_h = _edge_forward_chunked(A, Bm, diff, edge_attr, w, spec)
         if self.agg == "mean":
