@@ -5,8 +5,9 @@
 - ``TimeMLP``: the GMM network of iDEM (DEM's ``MyMLP``): sinusoidal embedding of every coordinate (scale 25)
   and of the time, Linear→GELU, residual GELU blocks, linear read-out.
 - ``EGNN``: E(n)-equivariant graph network on a fully connected particle graph (Satorras et al. E_GCL layers
-  as used by DEM / en_flows' ``EGNN_dynamics``), vectorised over the batch with dense [B, n, n, ·]
-  edge tensors.
+  as used by DEM / en_flows' ``EGNN_dynamics``), the same function and parameters as the straightforward
+  layer, computed per node where the algebra allows, in cache-sized chunks, without storing pair activations
+  for backward (see ``EGCL``; docs/timing.md).
 
 All modules take flat inputs (``t`` [B], ``x`` [B, dim]) and are device-agnostic
 (they follow their parameters).

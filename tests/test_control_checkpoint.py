@@ -27,7 +27,8 @@ def test_checkpointed_steps_give_the_same_gradients(name):
                         score_from_step=m.score_from_step, checkpoint_steps=ckpt)
         loss = (path.running + m.terminal_cost(path.y, differentiable=True)).mean()
         loss.backward()
-        grads.append((float(loss.detach()), [p.grad.clone() for p in m.net.parameters() if p.grad is not None]))
+        pg = [p.grad.clone() for p in m.net.parameters() if p.grad is not None]
+        grads.append((float(loss.detach()), pg))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert len(grads[0][1]) == len(grads[1][1])
     for a, b in zip(grads[0][1], grads[1][1]):
