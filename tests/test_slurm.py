@@ -75,7 +75,7 @@ def test_grid_as_job_array_then_nothing_to_submit(slurm, toy_method, tmp_path):
     rc = cli.main(args, stream=out)
     assert rc == 0, out.getvalue()
     text = out.getvalue()
-    assert "with the slurm executor" in text and "done: ok 4" in text
+    assert "on the slurm executor" in text and "done: ok 4" in text
     recs = sorted(tmp_path.glob("smoke/*/toy/r*/record.json"))
     assert len(recs) == 4
     array_ids = set()
