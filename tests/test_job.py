@@ -15,18 +15,6 @@ from harness import job, scoring
 from harness.records import RunRecord, RunSpec
 
 
-def _fast_metrics(samples, reference, target, protocol, **opts):
-    # deterministic stand-in for harness.metrics.evaluate: a function of the samples only
-    s = samples[torch.isfinite(samples).all(1)]
-    return {"x_w2": float((s.double().mean(0) - reference["test"].double().mean(0)).norm()),
-            "e_w2": float(target.energy(s).double().mean())}
-
-
-@pytest.fixture
-def fast_metrics(monkeypatch):
-    monkeypatch.setattr(scoring, "evaluate_metrics", _fast_metrics)
-
-
 def _spec(**kw) -> RunSpec:
     base = dict(grid="test", target="dw4", method="toy", seed=7, config={"batch_size": 16},
                 budget={"steps": 10}, eval_fractions=(0.1, 0.3, 1.0), n_eval_samples=32)

@@ -7,24 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from harness import checkpoint as ck
-from harness import job, scoring
+from harness import job
 from harness import progress as pg
 from harness.budget import Budget, Usage
 from harness.records import RunSpec
-
-
-def _fast_metrics(samples, reference, target, protocol, **opts):
-    s = samples[torch.isfinite(samples).all(1)]
-    return {"x_w2": float((s.double().mean(0) - reference["test"].double().mean(0)).norm()),
-            "e_w2": float(target.energy(s).double().mean())}
-
-
-@pytest.fixture
-def fast_metrics(monkeypatch):
-    monkeypatch.setattr(scoring, "evaluate_metrics", _fast_metrics)
 
 
 def _spec(**kw) -> RunSpec:
