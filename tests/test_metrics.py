@@ -326,8 +326,10 @@ def test_subsampling_to_protocol_sizes():
 def _dw4_splits() -> tuple[torch.Tensor, torch.Tensor]:
     t = targets.get("dw4")
     try:
+        if t.reference_info("test").get("source") != "published":  # the generated fallback has its own floors
+            pytest.skip("published DW-4 splits absent (expected in ../shared/data beside the checkout)")
         return t.reference("test")[:1000], t.reference("val")[:1000]
-    except Exception as e:  # pragma: no cover - data absent
+    except FileNotFoundError as e:  # pragma: no cover - data absent
         pytest.skip(f"published DW-4 splits unavailable: {e}")
 
 
