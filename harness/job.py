@@ -127,12 +127,6 @@ def _method_config(M: Any, spec: RunSpec) -> Any:
     return M.Config.for_target(spec.target, **over)
 
 
-def _selection_size(target: Any) -> int:
-    from harness import metrics
-
-    return metrics.SELECTION_SIZES.get(metrics.size_key(target.name), 1000)
-
-
 def _finite_logs(logs: Any, step: int) -> dict[str, float]:
     out: dict[str, float] = {}
     if not isinstance(logs, dict):
@@ -363,7 +357,7 @@ def _run_locked(
                     if due:
                         if reference is None:  # the val split only: test is read by the final scoring
                             try:
-                                reference = target.reference("val")[: _selection_size(target)]
+                                reference = target.reference("val")  # selection_metrics takes its rows
                             except FileNotFoundError as e:  # e.g. LJ references not generated yet
                                 reference = False
                                 reference_info = {"error": f"{type(e).__name__}: {e}"}

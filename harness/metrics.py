@@ -100,7 +100,7 @@ class Protocol:
     def split(self, metric: str, target_name: str | None = None) -> str:
         """The reference split ``metric`` is computed against (``target_name``: its exception, if any)."""
         if target_name is not None:
-            sp = self.target_splits.get(size_key(target_name), {}).get(metric)
+            sp = self.target_splits.get(_size_key(target_name), {}).get(metric)
             if sp is not None:
                 return sp
         return self.splits.get(metric, self.default_split)
@@ -143,25 +143,22 @@ def _protocol(name: str) -> Protocol:
     return PROTOCOL_SPECS[name]
 
 
+def _size_key(target_name: str) -> str:
+    """The key a target's protocol sizes are filed under (an energy variant uses its base's: dw4-bnem)."""
+    import targets
+
+    return targets.data_key(target_name)
+
+
 def eval_sizes(protocol: str, target_name: str) -> tuple[int, int]:
     """(n_generated, n_reference) of ``protocol`` for target key ``target_name`` (idem LJ-55: the full
     10 000-sample test split)."""
     p = _protocol(protocol)
-    key = size_key(target_name)
+    key = _size_key(target_name)
     if key not in p.sizes:
         raise ValueError(f"protocol {protocol!r} has no sizes for target {target_name!r}; "
                          f"valid targets: {', '.join(p.sizes)}")
     return p.sizes[key]
-
-
-def size_key(target_name: str) -> str:
-    """The key a target's protocol sizes are filed under (an energy variant uses its base's: dw4-bnem)."""
-    try:
-        import targets
-
-        return targets.data_key(target_name)
-    except Exception:
-        return target_name
 
 
 def metric_split(protocol: str, metric: str, target_name: str | None = None) -> str:
@@ -720,7 +717,7 @@ def _compute(protocol: str, gen: np.ndarray, refs: dict[str, np.ndarray], target
         return _bnem_metrics(g, R, target, opts)
     n_al = opts["n_aligned"]
     if n_al is None:
-        n_al = PROTOCOL_SPECS["boltzbench"].aligned_sizes.get(size_key(target.name), 0)
+        n_al = PROTOCOL_SPECS["boltzbench"].aligned_sizes.get(_size_key(target.name), 0)
     b = _Boltz(g, R["test"], target, opts, n_al)
     out = b.values()
     if with_ci and (opts["n_boot"] > 0 or opts["n_boot_ot"] > 0):
@@ -757,7 +754,7 @@ def evaluate(samples: Any, reference: Any, target: Any, protocol: str = "boltzbe
     if unknown:
         raise ValueError(f"unknown evaluate options {sorted(unknown)}; valid: {', '.join(_DEFAULT_OPTS)}")
     o = {**_DEFAULT_OPTS, **opts}
-    n_gen, n_ref = p.sizes.get(size_key(target.name), (None, None))
+    n_gen, n_ref = p.sizes.get(_size_key(target.name), (None, None))
     refs_in = dict(reference) if isinstance(reference, dict) else {"test": reference}
     unknown_splits = set(refs_in) - {"test", "val"}
     if unknown_splits:
@@ -985,7 +982,7 @@ def selection_metrics(samples: Any, val: Any, target: Any) -> dict[str, float]:
     ``val_x_w2`` = sqrt(exact OT, squared Euclidean cost) on flat centred coordinates (DEM's
     ``val/2-Wasserstein``), ``val_e_w2`` = W2² of energies (``val/energy_w2``). First
     ``SELECTION_SIZES[target]`` rows of each; NaN when a generated row is non-finite. Never reads test."""
-    n = SELECTION_SIZES.get(size_key(target.name), 1000)
+    n = SELECTION_SIZES.get(_size_key(target.name), 1000)
     g = _prep(samples, target)[:n]
     r = _center(target, _prep(val, target)[:n])
     if g.shape[0] == 0 or not np.isfinite(g).all():

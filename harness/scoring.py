@@ -49,11 +49,12 @@ SAMPLES_NAME = "samples.npz"
 SCORE_PROTOCOLS: tuple[str, ...] = metrics.PROTOCOLS
 #: BNEM's EarlyStopping patience (checks without improvement); min_delta 0
 BNEM_PATIENCE = 10
+#: what each rule picks (stored in every record's ``selection.rules`` and quoted by the tables)
 SELECTION_RULES: dict[str, str] = {
-    "last": "the final evaluation",
-    "idem": "lowest val x-W2 (DEM: ModelCheckpoint on val/2-Wasserstein, test on the best checkpoint)",
-    "bnem": f"early stopping on val E-W2, patience {BNEM_PATIENCE} evaluations (BNEM); the evaluation at "
-    "the stopping point",
+    "last": "the final evaluation of each run",
+    "idem": "each run's evaluation with the lowest val-split x-W2 (DEM's checkpoint selection)",
+    "bnem": f"each run's evaluation at the point where early stopping on val-split E-W2 (patience "
+    f"{BNEM_PATIENCE}, BNEM) stops it, else the final one",
 }
 
 

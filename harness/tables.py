@@ -30,7 +30,8 @@ from tabulate import tabulate
 
 from harness import metrics as hm
 from harness.published import published_for
-from harness.records import METRIC_PREFIX, load_records
+from harness.records import METRIC_PREFIX, PROTOCOL_RULE, SELECTION_RULE_NAMES, load_records
+from harness.scoring import SELECTION_RULES
 
 MISSING = "—"
 DIVERGED = "*"
@@ -141,20 +142,14 @@ def fmt_num(v: float, sig: int = 4) -> str:
 
 #: which evaluation of each run a table shows (``harness.scoring``): ``paper`` = the rule of the table's
 #: protocol's paper (idem: best val x-W2; bnem: val E-W2 early stopping; boltzbench: last), or one rule
-SELECTIONS: tuple[str, ...] = ("paper", "last", "idem", "bnem")
-SELECTION_TEXT = {
-    "last": "the final evaluation of each run",
-    "idem": "each run's evaluation with the lowest val-split x-W2 (DEM's checkpoint selection)",
-    "bnem": "each run's evaluation at the point where early stopping on val-split E-W2 (patience 10, BNEM) "
-    "stops it, else the final one",
-}
+SELECTIONS: tuple[str, ...] = ("paper", *SELECTION_RULE_NAMES)
 
 
 def selection_rule(selection: str, protocol: str) -> str:
     """The concrete rule (last / idem / bnem) a table of ``protocol`` shows under ``selection``."""
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}")
-    return {"idem": "idem", "bnem": "bnem"}.get(protocol, "last") if selection == "paper" else selection
+    return PROTOCOL_RULE.get(protocol, "last") if selection == "paper" else selection
 
 
 def final_rows(df: pd.DataFrame, rule: str = "last") -> pd.DataFrame:
@@ -300,7 +295,7 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str, selection: str = "pap
         for m, r in rank_column(means, shown).items():
             rank[(m, t, k)] = r
     notes = footnotes(sub, protocol, tgs)
-    notes.insert(0, f"Evaluation shown: {SELECTION_TEXT[rule]} (selection rule `{rule}`; the test split is "
+    notes.insert(0, f"Evaluation shown: {SELECTION_RULES[rule]} (selection rule `{rule}`; the test split is "
                  "read only by the final scoring).")
     ext = fin["method"].map(is_external) if not fin.empty else None
     if ext is not None and ext.any():  # external samplers are not grid cells: coverage counts the grid's
@@ -529,10 +524,7 @@ def _repro_keys(sub: pd.DataFrame, p: Any) -> list[tuple[str, str]]:
         return pairs
     for m, t in sorted(set(zip(sub["method"], sub["target"]))):
         same_m = m == p.method or m.startswith(p.method + "@")
-        try:
-            same_t = t == p.target or _t.data_key(t) == p.target
-        except Exception:
-            same_t = t == p.target
+        same_t = _t.data_key(t) == p.target
         if same_m and same_t and (m, t) not in pairs:
             pairs.append((m, t))
     return pairs

@@ -216,14 +216,10 @@ ORDERED_PAIRS: tuple[tuple[str, str], ...] = (
 
 
 def _config_key(target_name: str) -> str:
-    """The key a target's configs are filed under: its own, or its base's for an energy variant
-    (``dw4-bnem`` -> ``dw4``); unknown names are returned unchanged."""
-    try:
-        import targets
+    """The key a target's configs are filed under (``targets.data_key``: dw4-bnem -> dw4)."""
+    import targets
 
-        return targets.data_key(target_name)
-    except Exception:
-        return target_name
+    return targets.data_key(target_name)
 
 
 def _config_name(cls: type) -> str:

@@ -24,5 +24,8 @@ def names(include_variants: bool = False) -> list[str]:
 
 
 def data_key(name: str) -> str:
-    """The key whose configs, protocol sizes and reference files a target uses (itself, or its base)."""
+    """The key whose configs, protocol sizes and reference files a target uses: its base's for an energy
+    variant (``dw4-bnem`` -> ``dw4``), else itself; a name that is not registered is returned unchanged."""
+    if name not in TARGETS.names():
+        return name
     return getattr(TARGETS.get(name), "data_key", None) or name
