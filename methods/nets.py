@@ -1,7 +1,8 @@
 """Networks shared by the diffusion-type samplers (iDEM, NEM, BNEM, PIS, DDS).
 
 - ``SinusoidalEmbedding``: the transformer-style sin/cos embedding of a scalar (optionally pre-scaled).
-- ``FourierTimeEmbedding``: sin/cos of coeff·t with coeff = linspace(0.1, 100, 64) (PIS / DDS time).
+- ``FourierTimeEmbedding``: sin/cos of coeff·t (+ an optional learnable phase) with coeff = linspace(0.1, 100,
+  64) (PIS / DDS time).
 - ``TimeMLP``: the GMM network of iDEM (DEM's ``MyMLP``): sinusoidal embedding of every coordinate (scale 25)
   and of the time, Linear→GELU, residual GELU blocks, linear read-out.
 - ``EGNN``: E(n)-equivariant graph network on a fully connected particle graph (Satorras et al. E_GCL layers
@@ -63,17 +64,26 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class FourierTimeEmbedding(nn.Module):
-    """PIS / DDS time features: t [B] -> [B, 2·n] = [sin(c·t), cos(c·t)], c = linspace(c_min, c_max, n)."""
+    """PIS / DDS time features: t [B] -> [B, 2·n] = [sin(c·t + φ), cos(c·t + φ)],
+    c = linspace(c_min, c_max, n).
 
-    def __init__(self, n: int = 64, c_min: float = 0.1, c_max: float = 100.0) -> None:
+    φ = 0, or with ``learnable_phase`` a trainable phase per frequency initialised N(0, 1) (the
+    ``timestep_phase`` of PIS's / BNEM's ``TimeConder``).
+    """
+
+    def __init__(self, n: int = 64, c_min: float = 0.1, c_max: float = 100.0,
+                 learnable_phase: bool = False) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"FourierTimeEmbedding needs n >= 1, got {n}")
         self.register_buffer("coeff", torch.linspace(c_min, c_max, n), persistent=False)
+        self.phase = nn.Parameter(torch.randn(n)) if learnable_phase else None
         self.out_dim = 2 * n
 
     def forward(self, t: Tensor) -> Tensor:
         arg = t.reshape(-1, 1) * self.coeff.to(t.dtype)
+        if self.phase is not None:
+            arg = arg + self.phase
         return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
 
