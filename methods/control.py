@@ -46,9 +46,10 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from methods.base import Method, MethodConfig
+from methods.base import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN, Method, MethodConfig
 from methods.ema import EMA
 from methods.nets import EGNN, FourierTimeEmbedding, TimeMLP
+from methods.noise import GeometricNoiseSchedule, cosine_alpha
 
 ControlFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # u(t [B], y [B, dim], score [B, dim]) -> [B, dim]
 ScoreFn = Callable[[Tensor], Tensor]  # score(y [B, dim]) -> [B, dim] (detached)
@@ -63,11 +64,12 @@ class TimeScale(nn.Module):
     """
 
     def __init__(self, channels: int = 64, n_layers: int = 3, out_dim: int = 1,
-                 bias_init: float = 0.01) -> None:
+                 bias_init: float = 0.01, phase: bool = False) -> None:
         super().__init__()
         if channels < 1 or n_layers < 1:
             raise ValueError(f"TimeScale needs channels >= 1 and n_layers >= 1, got {channels}, {n_layers}")
-        self.emb = FourierTimeEmbedding(channels)
+        # phase: TimeConder's learnable phase of the Fourier features (randn init)
+        self.emb = FourierTimeEmbedding(channels, learnable_phase=phase)
         layers: list[nn.Module] = [nn.Linear(self.emb.out_dim, channels)]
         for _ in range(n_layers - 1):
             layers += [nn.GELU(), nn.Linear(channels, channels)]
@@ -136,14 +138,21 @@ def build_control(
     nn_clip: float | None = 1e4,
     score_clip: float | None = 1e4,
     score_clip_mode: Literal["value", "norm"] = "value",
+    readout_init: Literal["zero", "default"] = "zero",
+    time_phase: bool = False,
 ) -> LangevinControl:
-    """The Langevin-preconditioned control for ``target``: NN₁ = shared TimeMLP (zero-initialised read-out)
-    for "mlp", the shared EGNN (centred displacement) for "egnn" (particle targets only)."""
+    """The Langevin-preconditioned control for ``target``: NN₁ = shared TimeMLP for "mlp" (read-out
+    zero-initialised as PIS's, or torch's default initialisation as BNEM's DDS MyMLP: ``readout_init``), the
+    shared EGNN (centred displacement) for "egnn" (particle targets only). ``time_phase``: NN₂'s Fourier
+    features get TimeConder's learnable phase."""
+    if readout_init not in ("zero", "default"):
+        raise ValueError(f"readout_init must be 'zero' or 'default', got {readout_init!r}")
     if network == "mlp":
         base: nn.Module = TimeMLP(target.dim, hidden=hidden, n_blocks=n_layers, emb_size=emb_size)
-        last = [m for m in base.modules() if isinstance(m, nn.Linear)][-1]
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        if readout_init == "zero":
+            last = [m for m in base.modules() if isinstance(m, nn.Linear)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
     elif network == "egnn":
         if getattr(target, "n_particles", None) is None:
             raise ValueError(f"network 'egnn' needs a particle target; {target.name} is not one (use 'mlp')")
@@ -151,8 +160,8 @@ def build_control(
     else:
         raise ValueError(f"network must be 'mlp' or 'egnn', got {network!r}")
     center = target.center if getattr(target, "n_particles", None) is not None else None
-    return LangevinControl(base, TimeScale(time_channels, time_layers), nn_clip, score_clip, score_clip_mode,
-                           center)
+    return LangevinControl(base, TimeScale(time_channels, time_layers, phase=time_phase), nn_clip, score_clip,
+                           score_clip_mode, center)
 
 
 # --------------------------------------------------------------------------------------------- target view
@@ -208,13 +217,17 @@ class WorkingTarget:
 @dataclass(frozen=True)
 class ChainCoefficients:
     """Per-step coefficients of y_{k+1} = a_k y_k + c_k u_k + s_k ε_k, k = 0..K−1 (each a float64 [K] tensor);
-    ``times`` [K] are the network's time inputs in [0, 1]; ``ref_var`` the reference terminal variance."""
+    ``times`` [K] are the network's time inputs in [0, 1]; ``ref_var`` the reference terminal variance (the
+    uncontrolled chain's terminal law is N(0, ref_var)); ``loss_ref_var`` the variance of the Gaussian in the
+    training loss's terminal cost where it is *not* that law (BNEM's DDS: its prior N(0, 1) while its chain's
+    noise level is σ_max), None: ref_var. Importance weights always use ``ref_var``."""
 
     a: Tensor
     c: Tensor
     s: Tensor
     times: Tensor
     ref_var: float
+    loss_ref_var: float | None = None
 
     def __post_init__(self) -> None:
         K = self.a.shape[0]
@@ -226,6 +239,20 @@ class ChainCoefficients:
     @property
     def n_steps(self) -> int:
         return int(self.a.shape[0])
+
+    @property
+    def loss_var(self) -> float:
+        """Variance of the Gaussian in the loss's terminal cost (``loss_ref_var``, else ``ref_var``)."""
+        return self.ref_var if self.loss_ref_var is None else self.loss_ref_var
+
+
+def terminal_variance(a: Tensor, s: Tensor, init_var: float) -> float:
+    """Per-coordinate variance of y_K of the uncontrolled chain y_{k+1} = a_k y_k + s_k ε_k from
+    y_0 ~ N(0, init_var): v ← a_k² v + s_k²."""
+    v = float(init_var)
+    for ak, sk in zip(a.tolist(), s.tolist(), strict=True):
+        v = ak * ak * v + sk * sk
+    return v
 
 
 def pis_coefficients(n_steps: int, diffusion_sq: float, horizon: float) -> ChainCoefficients:
@@ -262,15 +289,62 @@ def dds_coefficients(n_steps: int, prior_std: float, total: float) -> ChainCoeff
                              times=torch.arange(n_steps, dtype=torch.float64) / n_steps, ref_var=prior_std**2)
 
 
+def bnem_alphas(schedule: Literal["bnem_cosine", "geometric"], n_steps: int, sigma_min: float,
+                sigma_max: float) -> Tensor:
+    """Per-step rates α_k [K] (float64) of BNEM's DDS at its times t_k = k/K, dt = 1/K (prior at t = 0,
+    target at t = 1): ``noise_schedule.a(t_k, dt)`` of its ``DDSNoiseSchedule`` ("bnem_cosine",
+    ``methods.noise.cosine_alpha`` with offset ``sigma_min``) or ``GeometricNoiseSchedule(sigma_min,
+    sigma_max)`` ("geometric", ``GeometricNoiseSchedule.alpha``). Both grow towards the target."""
+    if n_steps < 1:
+        raise ValueError(f"BNEM DDS schedule needs n_steps >= 1, got {n_steps}")
+    dt = 1.0 / n_steps
+    t = torch.arange(n_steps, dtype=torch.float64) * dt
+    if schedule == "bnem_cosine":
+        return cosine_alpha(t, dt, sigma_min)
+    if schedule == "geometric":
+        return GeometricNoiseSchedule(sigma_min, sigma_max).alpha(t, dt)
+    raise ValueError(f"BNEM DDS schedule must be 'bnem_cosine' or 'geometric', got {schedule!r}")
+
+
+def vp_coefficients(alphas: Tensor, noise_std: float, prior_std: float) -> ChainCoefficients:
+    """The variance-preserving step of BNEM's DDS (``integrate_sde(var_preserve=True)``)::
+
+        y_{k+1} = sqrt(1 − α_k) y_k + 2σ² λ_k u_k + σ sqrt(α_k) ε_k,   λ_k = 1 − sqrt(1 − α_k)
+
+    (σ = ``noise_std``, BNEM's ``sigma_max``; the exact exponential integrator of Vargas et al. for an OU
+    reference stationary at N(0, σ²)). λ_k is computed as α_k / (1 + sqrt(1 − α_k)), the same number without
+    the cancellation. y_0 ~ N(0, prior_std²); when prior_std ≠ σ the reference chain is not stationary:
+    ``ref_var`` is its terminal variance and ``loss_ref_var`` = prior_std² (BNEM's terminal cost uses its
+    prior's log-density)."""
+    if not (noise_std > 0 and prior_std > 0):
+        raise ValueError(f"need noise_std > 0 and prior_std > 0, got {noise_std}, {prior_std}")
+    al = alphas.to(torch.float64)
+    if al.ndim != 1 or not bool(((al > 0) & (al <= 1)).all()):
+        raise ValueError("variance-preserving rates α_k must be a [K] tensor with every 0 < α_k <= 1")
+    K = al.shape[0]
+    root = (1 - al).sqrt()
+    lam = al / (1 + root)
+    a, c, s = root, 2 * noise_std**2 * lam, noise_std * al.sqrt()
+    if noise_std == prior_std:
+        ref_var, loss_var = noise_std**2, None  # stationary: (1 − α)σ² + σ²α = σ²
+    else:
+        ref_var, loss_var = terminal_variance(a, s, prior_std**2), prior_std**2
+    return ChainCoefficients(a=a, c=c, s=s, times=torch.arange(K, dtype=torch.float64) / K, ref_var=ref_var,
+                             loss_ref_var=loss_var)
+
+
 @dataclass
 class PathResult:
     """Outcome of one batch of trajectories. y [B, dim] terminal states; running [B] = Σ½r²|u|²;
-    ito [B] = Σ r u·ε; log_rnd [B] (log-variance mode: θ-dependent log dP^u/dP^ref on the detached path)."""
+    ito [B] = Σ r u·ε; log_rnd [B] (log-variance mode: θ-dependent log dP^u/dP^ref on the detached path);
+    cost [B]: the KL loss's running cost where it is not ``running`` (``running_cost="norm"``: Σ½r²|u|,
+    BNEM's DDS; ``running`` is then detached and serves the importance weights only), else None."""
 
     y: Tensor
     running: Tensor
     ito: Tensor
     log_rnd: Tensor | None = None
+    cost: Tensor | None = None
 
 
 def simulate(
@@ -283,6 +357,7 @@ def simulate(
     detach_path: bool = False,
     score_from_step: int = 0,
     checkpoint_steps: bool = False,
+    running_cost: Literal["squared", "norm"] = "squared",
 ) -> PathResult:
     """Run the controlled chain from y0 [B, dim]. ``score_fn`` (may be None) gives the detached target score
     fed to the control. ``detach_path``: the state is cut from the graph each step (log-variance loss);
@@ -290,10 +365,17 @@ def simulate(
     Steps before ``score_from_step`` get a zero score (PIS: step 0, where every path sits at the origin and
     particle energies are singular). ``checkpoint_steps``: when gradients flow, each step's control is
     recomputed in backward instead of keeping its activations (``torch.utils.checkpoint``): the same
-    gradients, memory O(K·B·dim) instead of O(K × one network forward), for one extra forward per step."""
+    gradients, memory O(K·B·dim) instead of O(K × one network forward), for one extra forward per step.
+    ``running_cost="norm"``: the loss's running cost is Σ ½ r_k² |u_k| with the *unsquared* norm (BNEM's DDS
+    ``2σ²λ_k²/α_k · ‖u_k‖``), returned as ``cost``; reparameterised paths only."""
+    if running_cost not in ("squared", "norm"):
+        raise ValueError(f"running_cost must be 'squared' or 'norm', got {running_cost!r}")
+    if running_cost == "norm" and detach_path:
+        raise ValueError("running_cost='norm' is a KL-loss running cost; the log-variance path has none")
     y = y0
     B = y0.shape[0]
     running = y0.new_zeros(B)
+    cost = y0.new_zeros(B) if running_cost == "norm" else None
     ito = y0.new_zeros(B)
     log_rnd = y0.new_zeros(B) if detach_path else None
     a, c, s, times = (v.tolist() for v in (coef.a, coef.c, coef.s, coef.times))
@@ -318,10 +400,15 @@ def simulate(
             ito = ito + r * (ud * eps).sum(-1)
             y = (a[k] * y + c[k] * ud + s[k] * eps).detach()
         else:
-            running = running + 0.5 * r * r * (u * u).sum(-1)
+            if cost is not None:
+                cost = cost + 0.5 * r * r * torch.linalg.vector_norm(u, dim=-1)
+                ud = u.detach()
+                running = running + 0.5 * r * r * (ud * ud).sum(-1)
+            else:
+                running = running + 0.5 * r * r * (u * u).sum(-1)
             ito = ito + r * (u.detach() * eps).sum(-1)
             y = a[k] * y + c[k] * u + s[k] * eps
-    return PathResult(y=y, running=running, ito=ito, log_rnd=log_rnd)
+    return PathResult(y=y, running=running, ito=ito, log_rnd=log_rnd, cost=cost)
 
 
 def gaussian_log_prob(y: Tensor, var: float, n_dof: int,
@@ -350,8 +437,10 @@ def effective_sample_size(log_w: Tensor) -> float:
 
 
 def kl_loss(path: PathResult, terminal_cost: Tensor) -> Tensor:
-    """Reverse-KL objective (up to log Z): mean(running + terminal cost) [scalar] = −ELBO estimate."""
-    return (path.running + terminal_cost).mean()
+    """Reverse-KL objective (up to log Z): mean(running + terminal cost) [scalar] = −ELBO estimate (with
+    ``path.cost`` in place of ``running`` where the path carries one: BNEM's unsquared-norm cost)."""
+    run = path.running if path.cost is None else path.cost
+    return (run + terminal_cost).mean()
 
 
 def log_variance_loss(path: PathResult, terminal_cost: Tensor) -> Tensor:
@@ -402,6 +491,26 @@ class ControlConfig(MethodConfig):
     # gradients and numbers; bounded memory: a DW-4 EGNN step at 1000 paths × 128 steps otherwise keeps
     # gigabytes). None: on for the EGNN control, off for the MLP (whose activations are small)
     checkpoint_steps: bool | None = None
+    # the KL loss's running cost: ½ r_k²|u_k|² ("squared", the path-space KL) or ½ r_k²|u_k| ("norm": BNEM's
+    # dds_module / integrate_sde, an unsquared norm; the importance weights and log Z keep the squared one)
+    running_cost: Literal["squared", "norm"] = "squared"
+    # NN₁'s (TimeMLP's) read-out: zero-initialised ("zero", PIS) or torch's default init ("default": the
+    # MyMLP of BNEM's DDS); NN₂'s Fourier features with TimeConder's learnable phase (BNEM / PIS TimeConder)
+    readout_init: Literal["zero", "default"] = "zero"
+    time_phase: bool = False
+    # ReduceLROnPlateau on the validation loss (BNEM dds.yaml: factor 0.1, patience 10, monitor val/loss,
+    # stepped every check_val_every_n_epoch = 10 epochs of 100 steps; LJ-55 50): every
+    # ``plateau_check_steps`` optimiser steps the training objective is computed on
+    # ``plateau_val_batches`` × ``batch_size`` fresh paths (no gradient; their energy evaluations are
+    # counted) and the learning rate is multiplied by ``plateau_factor`` after more than
+    # ``plateau_patience`` checks without a relative improvement of 1e-4 (torch's defaults). Off: constant
+    lr_plateau: bool = False
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    plateau_check_steps: int = 1000
+    plateau_val_batches: int = 1
+    RANGES = {"plateau_factor": UNIT_OPEN, "plateau_patience": NON_NEGATIVE,
+              "plateau_check_steps": AT_LEAST_1, "plateau_val_batches": AT_LEAST_1}
 
     # grid presets and budgets, the same for PIS and DDS (plain class attributes, not dataclass fields)
     PRESETS = {
@@ -444,6 +553,12 @@ class ControlledDiffusionSampler(Method):
             raise ValueError(f"{self.name}: lr_decay_steps must be >= 1 or None, got {cfg.lr_decay_steps}")
         if cfg.ema_decay is not None and not 0.0 <= cfg.ema_decay < 1.0:
             raise ValueError(f"{self.name}: ema_decay must be in [0, 1) or None, got {cfg.ema_decay}")
+        if cfg.running_cost not in ("squared", "norm"):
+            raise ValueError(f"{self.name}: running_cost must be 'squared' or 'norm', "
+                             f"got {cfg.running_cost!r}")
+        if cfg.running_cost == "norm" and cfg.loss != "kl":
+            raise ValueError(f"{self.name}: running_cost='norm' (BNEM's DDS) is a KL-loss running cost; "
+                             "the log-variance loss has none (use loss='kl')")
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         scale = cfg.coord_scale if cfg.coord_scale is not None else float(getattr(target, "length_scale", 1))
         self.work = WorkingTarget(target, scale)
@@ -456,7 +571,7 @@ class ControlledDiffusionSampler(Method):
             torch.manual_seed(seed)
             self.net = build_control(target, cfg.network, cfg.hidden, cfg.n_layers, cfg.emb_size,
                                      cfg.time_channels, cfg.time_layers, cfg.nn_clip, cfg.score_clip,
-                                     cfg.score_clip_mode)
+                                     cfg.score_clip_mode, cfg.readout_init, cfg.time_phase)
         self.net.to(device=self.device, dtype=self.dtype)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the sampling network: an EMA copy of the control network, or the network itself
@@ -464,6 +579,8 @@ class ControlledDiffusionSampler(Method):
         self.ema_net = self.ema.model if self.ema is not None else None
         self.steps_done = 0
         self._last_log_w: Tensor | None = None
+        # ReduceLROnPlateau state (lr_plateau): best val loss, checks without improvement, lr multiplier
+        self.plateau_best, self.plateau_bad, self.lr_scale = math.inf, 0, 1.0
 
     # -- subclass hooks
     @abstractmethod
@@ -475,9 +592,20 @@ class ControlledDiffusionSampler(Method):
 
     # -- pieces
     def terminal_cost(self, y: Tensor, differentiable: bool) -> Tensor:
-        """Ψ(y) = log N(y; 0, v_ref) − log p̃(y) [B] (working coordinates)."""
-        ref = gaussian_log_prob(y, self.coef.ref_var, self.work.n_dof, self.center)
+        """The training loss's terminal cost log N(y; 0, coef.loss_var) − log p̃(y) [B] (working
+        coordinates)."""
+        ref = gaussian_log_prob(y, self.coef.loss_var, self.work.n_dof, self.center)
         return ref + self.work.energy(y, differentiable=differentiable)
+
+    def weight_terminal_cost(self, y: Tensor, loss_term: Tensor) -> Tensor:
+        """Ψ(y) = log N(y; 0, v_ref) − log p̃(y) [B] of the importance weights, from the loss's terminal cost
+        (detached) without another energy evaluation: they differ only where ``coef.loss_ref_var`` is set."""
+        term = loss_term.detach()
+        if self.coef.loss_ref_var is None:
+            return term
+        y = y.detach()
+        return (term + gaussian_log_prob(y, self.coef.ref_var, self.work.n_dof, self.center)
+                - gaussian_log_prob(y, self.coef.loss_var, self.work.n_dof, self.center))
 
     def run_paths(self, n: int, detach_path: bool, net: nn.Module | None = None) -> PathResult:
         ckpt = self.config.checkpoint_steps
@@ -485,28 +613,57 @@ class ControlledDiffusionSampler(Method):
             ckpt = self.config.network == "egnn"
         return simulate(net if net is not None else self.net, self.initial_states(n), self.coef,
                         self.work.score, self.generator, self.center, detach_path=detach_path,
-                        score_from_step=self.score_from_step, checkpoint_steps=ckpt)
+                        score_from_step=self.score_from_step, checkpoint_steps=ckpt,
+                        running_cost="squared" if detach_path else self.config.running_cost)
 
     def learning_rate(self, step: int) -> float:
-        """Learning rate of optimiser step ``step`` (0-based): geometric decay to lr·lr_final_factor."""
+        """Learning rate of optimiser step ``step`` (0-based): geometric decay to lr·lr_final_factor, times
+        the plateau multiplier (``lr_plateau``)."""
         cfg = self.config
         if cfg.lr_decay_steps is None:
-            return cfg.lr
-        return cfg.lr * cfg.lr_final_factor ** (min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps)
+            return cfg.lr * self.lr_scale
+        decay = cfg.lr_final_factor ** (min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps)
+        return cfg.lr * decay * self.lr_scale
+
+    def paths_and_loss(self, n: int) -> tuple[PathResult, Tensor, Tensor]:
+        """Simulate n paths for the configured objective: (path, loss's terminal cost [n], loss [scalar])."""
+        if self.config.loss == "kl":
+            path = self.run_paths(n, detach_path=False)
+            term = self.terminal_cost(path.y, differentiable=True)
+            return path, term, kl_loss(path, term)
+        path = self.run_paths(n, detach_path=True)
+        term = self.terminal_cost(path.y, differentiable=False)
+        return path, term, log_variance_loss(path, term)
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        """BNEM's ``val/loss``: the training objective on ``plateau_val_batches`` fresh batches of
+        ``batch_size`` paths (mean of the batch losses), without gradients."""
+        cfg = self.config
+        losses = [float(self.paths_and_loss(cfg.batch_size)[2]) for _ in range(cfg.plateau_val_batches)]
+        return sum(losses) / len(losses)
+
+    def plateau_step(self, value: float) -> None:
+        """torch's ReduceLROnPlateau (mode min, relative threshold 1e-4, no cooldown, eps 1e-8) on the lr
+        multiplier: a check improves if value < best·(1 − 1e-4); after more than ``plateau_patience`` checks
+        without improvement the lr is multiplied by ``plateau_factor`` and the count restarts."""
+        cfg = self.config
+        if value < self.plateau_best * (1 - 1e-4):
+            self.plateau_best, self.plateau_bad = value, 0
+        else:
+            self.plateau_bad += 1
+        if self.plateau_bad > cfg.plateau_patience:
+            lr = self.learning_rate(self.steps_done)
+            if lr - lr * cfg.plateau_factor > 1e-8:
+                self.lr_scale *= cfg.plateau_factor
+            self.plateau_bad = 0
 
     # -- Method interface
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        if cfg.loss == "kl":
-            path = self.run_paths(cfg.batch_size, detach_path=False)
-            term = self.terminal_cost(path.y, differentiable=True)
-            loss = kl_loss(path, term)
-        else:
-            path = self.run_paths(cfg.batch_size, detach_path=True)
-            term = self.terminal_cost(path.y, differentiable=False)
-            loss = log_variance_loss(path, term)
+        path, term, loss = self.paths_and_loss(cfg.batch_size)
         out = {"loss": float(loss.detach())}
         if torch.isfinite(loss):
             loss.backward()
@@ -526,10 +683,14 @@ class ControlledDiffusionSampler(Method):
                     self.ema.update(self.net)
         self.steps_done += 1
         with torch.no_grad():
-            log_w = log_weights(path, term.detach())
+            log_w = log_weights(path, self.weight_terminal_cost(path.y, term))
             # −(running + terminal), in target coordinates like log Z (ELBO ≤ log Z)
             out["elbo"] = float(log_w.mean() + path.ito.mean()) + self.work.log_jacobian
             out["log_z"] = log_z_estimate(log_w) + self.work.log_jacobian
+        if cfg.lr_plateau and self.steps_done % cfg.plateau_check_steps == 0:
+            out["val_loss"] = self.val_loss()
+            self.plateau_step(out["val_loss"])
+            out["lr"] = self.learning_rate(self.steps_done)
         return out
 
     @torch.no_grad()
@@ -544,7 +705,7 @@ class ControlledDiffusionSampler(Method):
             m = min(left, self.config.sample_chunk)
             path = self.run_paths(m, detach_path=False, net=net)
             term = self.terminal_cost(path.y, differentiable=False)
-            lws.append(log_weights(path, term))
+            lws.append(log_weights(path, self.weight_terminal_cost(path.y, term)))
             x = self.work.scale * path.y
             xs.append(self.work.center(x) if self.work.is_particle else x)
             left -= m
@@ -569,6 +730,8 @@ class ControlledDiffusionSampler(Method):
                  "generator": self.generator.get_state()}
         if self.ema_net is not None:
             state["ema_net"] = self.ema_net.state_dict()
+        if self.config.lr_plateau:
+            state["plateau"] = {"best": self.plateau_best, "bad": self.plateau_bad, "lr_scale": self.lr_scale}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -579,3 +742,6 @@ class ControlledDiffusionSampler(Method):
         self.steps_done = int(state["steps_done"])
         self.generator.set_state(state["generator"])
         self._last_log_w = None
+        p = state.get("plateau", {"best": math.inf, "bad": 0, "lr_scale": 1.0})
+        self.plateau_best, self.plateau_bad = float(p["best"]), int(p["bad"])
+        self.lr_scale = float(p["lr_scale"])
