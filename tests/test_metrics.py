@@ -191,8 +191,8 @@ def test_kabsch_mean_distance_matches_independent_kabsch():
 
 
 def test_protocol_names_and_errors():
-    assert set(M.PROTOCOLS) == {"idem", "bnem", "boltzbench"}
-    with pytest.raises(ValueError, match="valid protocols: boltzbench, idem, bnem"):
+    assert set(M.PROTOCOLS) == {"idem", "bnem", "boltzbench", "asbs"}
+    with pytest.raises(ValueError, match="valid protocols: boltzbench, idem, bnem, asbs"):
         M.eval_sizes("dem", "dw4")
     with pytest.raises(ValueError, match="valid targets"):
         M.eval_sizes("idem", "alanine")
