@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from methods import (
+    adjoint,  # noqa: F401
+    asbs,  # noqa: F401
     dds,  # noqa: F401
     fab,  # noqa: F401
     idem,  # noqa: F401

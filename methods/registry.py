@@ -5,4 +5,4 @@ from harness.registry import Registry
 METHODS: Registry = Registry("method")
 
 #: every method key the grids expect; ones not (yet) registered are reported as missing by --dry-run
-PLANNED: tuple[str, ...] = ("dds", "pis", "fab", "idem", "nem", "bnem", "mcmc", "pt")
+PLANNED: tuple[str, ...] = ("dds", "pis", "fab", "idem", "nem", "bnem", "as", "asbs", "mcmc", "pt")
