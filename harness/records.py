@@ -161,7 +161,9 @@ DIAG_PREFIX = "d_"
 SELECTED_PREFIX = "sel_"
 SELECTION_RULE_NAMES = ("last", "idem", "bnem")
 #: the rule each protocol's paper applied (``is_selected`` follows it); mirrors harness.scoring.PROTOCOL_RULE
-PROTOCOL_RULE = {"idem": "idem", "bnem": "bnem", "boltzbench": "last"}
+#: (asbs: the AS / ASBS code evaluates the model it has at each eval epoch and keeps no selection; which
+#: evaluation the papers' tables report is not in the code, so the last one)
+PROTOCOL_RULE = {"idem": "idem", "bnem": "bnem", "boltzbench": "last", "asbs": "last"}
 
 
 def iter_record_paths(root: str | Path) -> list[Path]:

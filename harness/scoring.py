@@ -4,14 +4,15 @@ A run is evaluated at a few budget fractions. While it trains, each evaluation s
 (``eval_<k>.npz``) and computes only **val-split** selection metrics (``harness.metrics.selection_metrics``:
 DEM's ``val/2-Wasserstein`` and ``val/energy_w2``). The **test split is read once, by the final scoring**
 (``final_scoring``), after the last optimiser step: every saved evaluation is scored under every protocol
-(``idem``, ``bnem``, ``boltzbench``), one block per protocol in ``evaluation["scores"]``; ``metrics`` stays
-the block of the run's own protocol. Bootstrap intervals are computed for the evaluations a selection rule
-picks (the others get point values and noise floors), which keeps the scoring of intermediate evaluations
-cheap.
+(``idem``, ``bnem``, ``boltzbench``, ``asbs``), one block per protocol in ``evaluation["scores"]``;
+``metrics`` stays the block of the run's own protocol. Bootstrap intervals are computed for the evaluations a
+selection rule picks (the others get point values and noise floors), which keeps the scoring of intermediate
+evaluations cheap.
 
 Selection rules (``select``), all on the val split:
 
-``last``   the final evaluation (what the harness reported before; our default for ``boltzbench``).
+``last``   the final evaluation (what the harness reported before; our default for ``boltzbench``; ``asbs``:
+           the AS / ASBS code keeps no selection, so their tables' evaluation is taken to be the last).
 ``idem``   the evaluation with the lowest val x-W2: DEM's ``ModelCheckpoint(monitor="val/2-Wasserstein")``,
            ``trainer.test`` on the best checkpoint (jarridrb/DEM ``configs/callbacks/model_checkpoint.yaml``,
            ``dem/train.py``).

@@ -93,6 +93,22 @@ def test_reproduction_table_ratio(tmp_path):
     assert rows[("dds", "gmm40", "x_w2")]["ours"] == tables.MISSING
 
 
+def test_asbs_protocol_table_and_reproduction(tmp_path):
+    metrics = {"x_w2": 0.86, "e_w2": 0.4, "dist_w2": 0.01}
+    make_record(tmp_path, "dw4", "asbs", 0, "ok", metrics, protocol="asbs")
+    make_record(tmp_path, "gmm40", "as", 0, "ok", {"x_w2": 5.0, "e_w2": 1.0}, protocol="asbs")
+    df = load_records(tmp_path)
+    rows = {(r["method"], r["target"], r["metric"]): r for r in tables.reproduction_rows(df, GRID, "asbs")}
+    r = rows[("asbs", "dw4", "x_w2")]
+    assert r["published"] == "0.4300 ± 0.050" and r["ours"] == "0.8600" and r["ratio"] == "2.00"
+    assert r["source"].startswith("ASBS") and r["selection"] == "last"
+    assert rows[("as", "lj55", "e_w2")]["published"] == "30.83 ± 8.2"
+    assert {m for m, _, _ in rows} == {"as", "asbs", "pis", "dds", "idem"}
+    tb = tables.make_table(df, GRID, "asbs")
+    assert ("gmm40", "dist_w2") not in tb.columns and ("dw4", "dist_w2") in tb.columns
+    assert tb.selection == "last" and any("eq_w2" in n for n in tb.footnotes)
+
+
 def test_cli_on_empty_partial_and_corrupt_dirs(tmp_path, capsys):
     out = tmp_path / "tables"
     assert tables.main(["--results", str(tmp_path / "runs"), "--out", str(out), "--no-figures"]) == 0
