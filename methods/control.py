@@ -32,6 +32,14 @@ NN₁ the shared ``TimeMLP`` (GMM) or ``EGNN`` (particles), last layer zero-init
 ``TimeConder``). Target scores are taken from ``energy_and_grad`` of the counting target and treated as inputs
 (no second derivatives of E); the terminal cost back-propagates through ``energy_and_grad`` with a custom
 autograd function, so every target evaluation is counted once (energy + gradient).
+
+Options for reproducing BNEM's DDS (``dds@bnem``, docs/pis_dds.md): ``vp_coefficients`` (its
+variance-preserving step; a noise level σ other than the prior's makes the reference non-stationary:
+``ref_var`` is then its terminal variance and the loss's terminal Gaussian keeps the prior,
+``ChainCoefficients.loss_ref_var``), ``running_cost="norm"`` (its unsquared-norm running cost, loss only:
+importance weights and log Z always use the exact ½ r²|u|² and N(0, ref_var)), ``readout_init`` /
+``time_phase`` (its networks' initialisation) and
+``lr_plateau`` (ReduceLROnPlateau on a validation loss).
 """
 
 from __future__ import annotations
