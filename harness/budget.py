@@ -3,6 +3,14 @@
 A ``Budget`` names any of energy evaluations, wall-clock seconds and optimiser steps; a run stops at the first
 one exhausted (``Budget.exhausted`` says which). Methods only ever see a ``CountingTarget``.
 
+Quality budgets are counted (``steps``, ``energy_evals``): what a cell produces must not depend on how busy
+the machine is. ``guard_seconds`` is a wall-clock *guard*, not a budget: a run that reaches it before its
+counted limit stops, is evaluated where it stopped and is recorded with status ``timeout`` (never as a normal
+finish); it does not enter ``fraction`` (evaluation points and progress follow the counted limits), and it is
+not part of a cell's identity (``harness.job.spec_key``), so re-running with a larger guard resumes a timed-
+out cell. ``wall_seconds`` stays a *budget* (a normal finish) for grids that are meant to be wall-clock
+limited (smoke, timing studies).
+
 Counting rules (one "evaluation" = one configuration, i.e. one row of a batch):
 - ``energy(x)``: +B energy evaluations; if ``x`` requires grad under grad mode (the caller may back-propagate
   through the energy, e.g. PIS/DDS terminal costs), +B gradient evaluations as well (counted conservatively).
@@ -41,10 +49,13 @@ class Budget:
     energy_evals: int | None = None
     wall_seconds: float | None = None
     steps: int | None = None
+    #: wall-clock guard (s of training): reaching it first stops the run with status ``timeout``
+    guard_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.energy_evals is None and self.wall_seconds is None and self.steps is None:
-            raise ValueError("a Budget needs at least one of energy_evals, wall_seconds, steps")
+            raise ValueError("a Budget needs at least one of energy_evals, wall_seconds, steps "
+                             "(guard_seconds alone is a guard, not a budget)")
         for f in fields(self):
             v = getattr(self, f.name)
             if v is None:
@@ -56,18 +67,26 @@ class Budget:
             if v <= 0:
                 raise ValueError(f"Budget.{f.name} must be positive, got {v}")
 
+    @property
+    def counted(self) -> bool:
+        """Whether a counted limit (steps or energy evaluations) ends the run, not the wall clock."""
+        return self.energy_evals is not None or self.steps is not None
+
     def exhausted(self, usage: Usage) -> str | None:
-        """The name of the first exhausted limit ("energy_evals", "wall_seconds", "steps") or None."""
+        """The name of the first exhausted limit ("energy_evals", "wall_seconds", "steps", or the guard
+        "guard_seconds", checked last so that a run finishing its counted budget is never a timeout)."""
         if self.energy_evals is not None and usage.train_energy_evals >= self.energy_evals:
             return "energy_evals"
         if self.wall_seconds is not None and usage.train_seconds >= self.wall_seconds:
             return "wall_seconds"
         if self.steps is not None and usage.steps >= self.steps:
             return "steps"
+        if self.guard_seconds is not None and usage.train_seconds >= self.guard_seconds:
+            return "guard_seconds"
         return None
 
     def fraction(self, usage: Usage) -> float:
-        """Fraction of the budget used (max over the set limits), in [0, ∞)."""
+        """Fraction of the budget used (max over the set limits, the guard excluded), in [0, ∞)."""
         fr = []
         if self.energy_evals is not None:
             fr.append(usage.train_energy_evals / self.energy_evals)
@@ -89,7 +108,8 @@ class Budget:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(
-                f"unknown budget keys {sorted(unknown)}; valid: energy_evals, wall_seconds, steps"
+                f"unknown budget keys {sorted(unknown)}; "
+                "valid: energy_evals, wall_seconds, steps, guard_seconds"
             )
         return cls(**d)
 

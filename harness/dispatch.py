@@ -6,12 +6,13 @@ cannot tell the state of a cancelled job and ``result()`` would wait forever. Th
 records and ``squeue``; a job that left the queue (or a local process that exited) without writing a record
 gets a ``failed`` record saying so, unless the cell's lock shows it is still running.
 
-Idempotence (``plan``): ``ok`` and ``diverged`` cells with the same spec are done and skipped; ``failed``,
-``timeout`` and interrupted cells (a checkpoint but no record) are re-run and resume from their checkpoint;
-cells locked by a running process are skipped; cells whose record or checkpoint belongs to a different spec
-are refused unless ``force`` (which discards their files first). Each launch uses a fresh submitit folder
-``<results>/_submitit/<launch id>`` (SLURM job ids restart when its state is wiped; stale pickles of an old
-job with the same id must never be read).
+Idempotence (``plan``): ``ok`` and ``diverged`` cells with the same spec are done and skipped, and so are
+``timeout`` cells stopped by their wall-clock guard (``guard-timeout``) unless the new guard is larger;
+``failed``, ``timeout`` (SLURM) and interrupted cells (a checkpoint but no record) are re-run and resume from
+their checkpoint; cells locked by a running process are skipped; cells whose record or checkpoint belongs to a
+different spec are refused unless ``force`` (which discards their files first). Each launch uses a fresh
+submitit folder ``<results>/_submitit/<launch id>`` (SLURM job ids restart when its state is wiped; stale
+pickles of an old job with the same id must never be read).
 """
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ import submitit
 from harness import checkpoint as ck
 from harness import job as hjob
 from harness import progress as pg
-from harness.job import DONE_STATUSES, RECORD_NAME, SAMPLES_NAME, SPEC_NAME, read_record, run_one, spec_key
-from harness.records import RunRecord, RunSpec
+from harness.job import (
+    DONE_STATUSES,
+    RECORD_NAME,
+    SAMPLES_NAME,
+    SPEC_NAME,
+    guard_covers,
+    read_record,
+    run_one,
+    spec_key,
+)
+from harness.records import RELEASE_SAMPLES_NAME, RunRecord, RunSpec
 
 EXECUTORS = ("auto", "local", "slurm", "debug")
 _ALIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -134,7 +144,7 @@ class CellJob(submitit.helpers.Checkpointable):
 @dataclass
 class CellState:
     spec: RunSpec
-    state: str  # new, interrupted, failed, timeout, ok, diverged, running, mismatch
+    state: str  # new, interrupted, failed, timeout, guard-timeout, ok, diverged, running, mismatch
     detail: str = ""
 
 
@@ -151,6 +161,9 @@ def cell_state(spec: RunSpec, root: str | Path) -> CellState:
     if rec is not None:
         if spec_key(rec.spec) != spec_key(spec):
             return CellState(spec, "mismatch", "record.json was written for a different spec")
+        if guard_covers(rec, spec):  # stopped by its wall-clock guard; this guard is no larger: done
+            return CellState(spec, "guard-timeout", f"wall-clock guard at {rec.usage.get('steps')} steps "
+                             "(a larger budget.guard_seconds resumes it)")
         return CellState(spec, rec.status, rec.stop_reason or "")
     if ck.has_checkpoint(run_dir):
         try:
@@ -175,7 +188,7 @@ class Plan:
     def to_run(self) -> list[CellState]:
         run = ("new", "interrupted", "failed", "timeout")
         if self.force:
-            run += ("ok", "diverged", "mismatch")
+            run += ("ok", "diverged", "mismatch", "guard-timeout")
         return [c for c in self.cells if c.state in run]
 
     def counts(self) -> dict[str, int]:
@@ -197,8 +210,10 @@ def prepare(cell: CellState, root: str | Path, force: bool) -> bool:
     try:
         with ck.CellLock(run_dir):
             rec = run_dir / RECORD_NAME
-            if force and cell.state in ("ok", "diverged", "mismatch", "failed", "timeout", "interrupted"):
-                for name in (RECORD_NAME, SAMPLES_NAME, ck.CHECKPOINT_NAME, ck.PREV_CHECKPOINT_NAME,
+            if force and cell.state in ("ok", "diverged", "mismatch", "failed", "timeout", "guard-timeout",
+                                        "interrupted"):
+                for name in (RECORD_NAME, SAMPLES_NAME, RELEASE_SAMPLES_NAME, ck.CHECKPOINT_NAME,
+                             ck.PREV_CHECKPOINT_NAME,
                              SPEC_NAME, pg.PROGRESS_NAME):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(run_dir / name)

@@ -10,13 +10,23 @@ grid           targets                seeds     budget per cell
 smoke          all                    1         steps=3, wall_seconds=4 (method may suggest; wall-clock
                                                 capped at 10 s); 64 eval samples at 50 % and 100 %,
                                                 metrics without bootstrap CIs and noise floors
-cpu            gmm40, dw4             3         wall_seconds=900 (method may suggest steps / evals)
-paper          all                    1         the method's published budget (``BUDGETS["paper"]``)
+cpu            all                    3         the method's ``cpu`` steps (required: a cell without a
+                                                counted budget is an error), guard_seconds=3600
+paper          all                    1         the method's published budget (``BUDGETS["paper"]``),
+                                                guard 48 h
 full           all                    3         as paper
 equal-evals    all                    3         training energy evaluations: gmm40 2.56e9, dw4 5.12e9,
                                                 lj13 5.12e9, lj55 2.56e8 (1/10 of iDEM's own budget,
-                                                batch x K x steps), wall-clock cap 12 h; same for every method
+                                                batch x K x steps), guard 12 h; same for every method
+equal-evals-   all                    3         ``cpu`` presets, one training energy-evaluation budget
+cpu                                             per target for every method (``EQUAL_EVALS_CPU``),
+                                                guard 1 h
 =============  =====================  ========  ==============================================================
+
+Budgets are counted (steps or energy evaluations), so what a cell produces does not depend on the machine's
+load; ``guard_seconds`` is a wall-clock guard that stops a run with status ``timeout`` (harness.budget). A
+``paper``/``full`` cell whose method publishes no step count runs for the guard's wall-clock as its budget
+(``wall_seconds``); the ``cpu`` grids refuse such cells instead (``Grid.require_counted``).
 
 Seeds: ``derive_seed(grid_seed, target, method, replicate)`` = the first 4 bytes (little endian) of
 SHA-256("{grid_seed}:{target}:{method}:{replicate}") masked to 31 bits. Every grid uses grid seed 0, so a
@@ -70,6 +80,8 @@ class Grid:
     caps: dict[str, float] = field(default_factory=dict)
     #: options passed to harness.metrics.evaluate for this grid's cells (looked up by spec.grid)
     metric_opts: dict[str, Any] = field(default_factory=dict)
+    #: every cell must have a counted budget (steps / energy_evals) after the method's suggestion
+    require_counted: bool = False
 
     def default_budget(self, target: str) -> dict[str, Any]:
         return dict(self.budgets.get(target, self.budgets.get("*", {})))
@@ -78,6 +90,10 @@ class Grid:
 #: equal-evals energy budgets (training energy evaluations per run): 1/10 of what iDEM's published configs
 #: spend (batch x K x optimiser steps: gmm40 256k x 1e5, dw4/lj13 512k x 1e5, lj55 12.8k x 2e5)
 EQUAL_EVALS = {"gmm40": 2_560_000_000, "dw4": 5_120_000_000, "lj13": 5_120_000_000, "lj55": 256_000_000}
+
+#: equal-evals-cpu energy budgets (training energy evaluations per run), sized so the neural samplers' cpu
+#: settings spend them in about the time of their ``cpu`` cells (docs/results.md: the usage behind them)
+EQUAL_EVALS_CPU = {"gmm40": 50_000_000, "dw4": 50_000_000, "lj13": 20_000_000, "lj55": 2_000_000}
 
 GRIDS: dict[str, Grid] = {
     g.name: g
@@ -96,18 +112,19 @@ GRIDS: dict[str, Grid] = {
         ),
         Grid(
             "cpu",
-            "GMM-40 and DW-4, budgets that give meaningful numbers on a CPU (harness default: 15 min of "
-            "training per cell; methods set their own steps and caps)",
-            targets=("gmm40", "dw4"),
+            "every target, budgets (optimiser steps) that give meaningful numbers on one CPU core in about "
+            "20 minutes per cell; a 1 h wall-clock guard records `timeout`",
+            targets=None,
             replicates=3,
-            budgets={"*": {"wall_seconds": 900.0}},
-            time_limit_min=40,
+            budgets={"*": {"guard_seconds": 3600.0}},
+            time_limit_min=80,
+            require_counted=True,
         ),
         Grid(
             "paper",
             "each method at its paper's settings (steps, batch sizes, K, ...), every target, one seed",
             targets=None,
-            budgets={"*": {"wall_seconds": 172800.0}},
+            budgets={"*": {"guard_seconds": 172800.0}},
             time_limit_min=2880,
         ),
         Grid(
@@ -115,7 +132,7 @@ GRIDS: dict[str, Grid] = {
             "paper x every target x 3 seeds: what goes to SLURM",
             targets=None,
             replicates=3,
-            budgets={"*": {"wall_seconds": 172800.0}},
+            budgets={"*": {"guard_seconds": 172800.0}},
             budget_grid="paper",
             preset_grids=("paper", "full"),
             time_limit_min=2880,
@@ -125,10 +142,22 @@ GRIDS: dict[str, Grid] = {
             "every method under the same training energy-evaluation budget per target",
             targets=None,
             replicates=3,
-            budgets={t: {"energy_evals": n, "wall_seconds": 43200.0} for t, n in EQUAL_EVALS.items()},
+            budgets={t: {"energy_evals": n, "guard_seconds": 43200.0} for t, n in EQUAL_EVALS.items()},
             method_budgets=False,
             preset_grids=("paper", "equal-evals"),
             time_limit_min=780,
+        ),
+        Grid(
+            "equal-evals-cpu",
+            "every method (MCMC and PT included) at its cpu settings under one training energy-evaluation "
+            "budget per target (EQUAL_EVALS_CPU): does a neural sampler beat MCMC at equal cost?",
+            targets=None,
+            replicates=3,
+            budgets={t: {"energy_evals": n, "guard_seconds": 3600.0} for t, n in EQUAL_EVALS_CPU.items()},
+            method_budgets=False,
+            preset_grids=("cpu", "equal-evals-cpu"),
+            time_limit_min=80,
+            require_counted=True,
         ),
     )
 }
@@ -249,7 +278,7 @@ def parse_overrides(
         if not key:
             raise ValueError(f"malformed override {item!r}: empty key")
         if prefix == "budget":
-            valid = ("energy_evals", "wall_seconds", "steps")
+            valid = ("energy_evals", "wall_seconds", "steps", "guard_seconds")
             if key not in valid:
                 raise ValueError(f"unknown budget key {key!r} in {item!r}; valid keys: {', '.join(valid)}")
             budget[key] = value
@@ -277,7 +306,8 @@ def typed_method_overrides(method_cls: Any, raw: dict[str, str]) -> dict[str, An
 
 
 def typed_budget_overrides(raw: dict[str, str]) -> dict[str, Any]:
-    hints = {"energy_evals": int | None, "wall_seconds": float | None, "steps": int | None}
+    hints = {"energy_evals": int | None, "wall_seconds": float | None, "steps": int | None,
+             "guard_seconds": float | None}
     return {k: coerce(v, hints[k], f"budget.{k}") for k, v in raw.items()}
 
 
@@ -292,8 +322,8 @@ class Expansion:
     budget_sources: dict[tuple[str, str], str]  # (target, method) -> "harness default" / "method" / ...
 
     def time_limit_min(self, spec: RunSpec) -> int:
-        """SLURM time limit for a cell: 1.25 x its wall-clock budget + 10 min, else the grid default."""
-        ws = spec.budget.get("wall_seconds")
+        """SLURM time limit of a cell: 1.25 x its wall-clock budget or guard + 10 min, else the grid's."""
+        ws = spec.budget.get("wall_seconds") or spec.budget.get("guard_seconds")
         if ws:
             return int(math.ceil(1.25 * ws / 60.0 + 10))
         return self.grid.time_limit_min
@@ -391,6 +421,16 @@ def expand(
                 budget.update(budget_over)
                 source += " + --set"
             budget = {k: v for k, v in budget.items() if v is not None}
+            if budget.get("steps") is None and budget.get("energy_evals") is None:
+                if grid.require_counted:
+                    raise ValueError(
+                        f"grid {grid.name!r} needs a counted budget (steps or energy_evals) for every cell, "
+                        f"but {m} on {t} has {budget or 'none'}: add {M.Config.__qualname__}."
+                        f"BUDGETS[{budget_grid!r}][{t!r}] or pass --set budget.steps=N"
+                    )
+                if "guard_seconds" in budget and "wall_seconds" not in budget:
+                    budget["wall_seconds"] = budget.pop("guard_seconds")  # no step count: the clock is
+                    source += ", wall-clock budget (no counted one)"  # the budget (paper grids)
             Budget.from_dict(budget)  # validates
             sources[(t, m)] = source
             for r in range(replicates):

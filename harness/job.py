@@ -47,17 +47,27 @@ from harness import checkpoint as ck
 from harness import progress as pg
 from harness.budget import Budget, CountingTarget, Usage
 from harness.env import apply_threads, environment_info, threads_from_allocation
-from harness.records import RunRecord, RunSpec, atomic_write_bytes, atomic_write_json
+from harness.records import (
+    RELEASE_SAMPLES_NAME,
+    RunRecord,
+    RunSpec,
+    atomic_write_bytes,
+    atomic_write_json,
+    release_rows,
+)
 from harness.scoring import (
     EvalPlan,
     UnscorableCellError,
     eval_file,
     eval_plan,
+    eval_samples_path,
     final_scoring,
     tidy_eval_samples,
 )
 
 DONE_STATUSES = ("ok", "diverged")
+#: ``stop_reason`` of a run stopped by its budget's wall-clock guard (status ``timeout``)
+GUARD_STOP = "guard_seconds"
 RECORD_NAME = "record.json"
 SAMPLES_NAME = "samples.npz"
 SPEC_NAME = "spec.json"  # the spec of the run the checkpoint belongs to (cheap to read for planning)
@@ -79,9 +89,22 @@ def _now() -> str:
 
 
 def spec_key(spec: RunSpec | dict[str, Any]) -> str:
-    """Canonical JSON of a spec, to compare a record's or checkpoint's spec with a new one."""
-    d = spec.to_dict() if isinstance(spec, RunSpec) else spec
+    """Canonical JSON of a spec, to compare a record's or checkpoint's spec with a new one. The budget's
+    wall-clock guard (``guard_seconds``) is left out: it does not change what a cell computes, so a cell
+    that timed out resumes under a larger guard."""
+    d = dict(spec.to_dict() if isinstance(spec, RunSpec) else spec)
+    if isinstance(d.get("budget"), dict):
+        d["budget"] = {k: v for k, v in d["budget"].items() if k != "guard_seconds"}
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def guard_covers(record: RunRecord, spec: RunSpec) -> bool:
+    """Whether ``record`` stopped at its wall-clock guard and ``spec``'s guard is no larger than the training
+    time it already had (a re-run would stop at once): such a ``timeout`` cell is finished for this spec."""
+    if record.status != "timeout" or record.stop_reason != GUARD_STOP:
+        return False
+    guard = spec.budget.get("guard_seconds")
+    return guard is not None and float(guard) <= float(record.usage.get("train_seconds", 0.0))
 
 
 def record_path(spec: RunSpec, results_root: str | Path) -> Path:
@@ -148,6 +171,19 @@ def _save_samples(run_dir: Path, samples: torch.Tensor, name: str = SAMPLES_NAME
     np.savez(buf, samples=x)
     atomic_write_bytes(run_dir / name, buf.getvalue())
     return name
+
+
+def _save_release_samples(run_dir: Path, evaluations: list[dict[str, Any]]) -> None:
+    """``samples_small.npz``: the first ``release_rows(dim)`` rows of the last evaluation's samples (float32,
+    key ``samples``), the part of a run's samples the results release commits."""
+    path = eval_samples_path(run_dir, evaluations, len(evaluations) - 1)
+    if path is None:
+        return
+    with np.load(path, allow_pickle=False) as z:
+        x = np.asarray(z["samples"], dtype=np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, samples=x[: release_rows(x.shape[1])])
+    atomic_write_bytes(run_dir / RELEASE_SAMPLES_NAME, buf.getvalue())
 
 
 class CellInterrupted(KeyboardInterrupt):
@@ -255,7 +291,7 @@ def run_one(
     with ck.CellLock(run_dir):
         existing = read_record(run_dir / RECORD_NAME)
         same = existing is not None and spec_key(existing.spec) == spec_key(spec)
-        if same and existing.status in DONE_STATUSES:
+        if same and (existing.status in DONE_STATUSES or guard_covers(existing, spec)):
             return existing
         return _run_locked(spec, run_dir, threads, checkpoint_every_s, on_step, progress)
 
@@ -353,6 +389,8 @@ def _run_locked(
                 while True:
                     exhausted = budget.exhausted(usage)
                     frac = budget.fraction(usage)
+                    if exhausted == GUARD_STOP:  # the state at the stop, before its evaluation: a re-run
+                        save()  # under a larger guard resumes from here (timeout, see Budget)
                     due = [f for f in fractions[next_eval:] if exhausted or frac >= f]
                     if due:
                         if reference is None:  # the val split only: test is read by the final scoring
@@ -421,12 +459,16 @@ def _run_locked(
                 device_str, diagnostics, error, samples_file, started_at,
             )
             raise
+    if status == "ok" and stop_reason == GUARD_STOP:
+        status = "timeout"  # the wall-clock guard stopped it before its counted budget: scored, not finished
     selection: dict[str, Any] = {}
     scoring: dict[str, Any] = {}
-    if status in DONE_STATUSES and evaluations and plan is not None:
+    if (status in DONE_STATUSES or stop_reason == GUARD_STOP) and evaluations and plan is not None:
         try:  # the only place the test split is read
             selection, scoring = final_scoring(spec, run_dir, target, evaluations, plan)
-            samples_file = tidy_eval_samples(run_dir, evaluations, selection)
+            _save_release_samples(run_dir, evaluations)
+            if status in DONE_STATUSES:  # a timeout keeps them: a resumed run re-scores every evaluation
+                samples_file = tidy_eval_samples(run_dir, evaluations, selection)
             if "error" not in reference_info:
                 reference_info = {**scoring.get("test_reference", {}), "splits": scoring.get("splits", {})}
         except Exception as e:

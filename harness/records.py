@@ -3,8 +3,13 @@
 Layout under a results root (default ``results/runs``)::
 
     <root>/<grid>/<target>/<method>/r<replicate>/record.json     the record (see results/README.md)
-    <root>/<grid>/<target>/<method>/r<replicate>/samples.npz     generated samples (subsampled)
+    <root>/<grid>/<target>/<method>/r<replicate>/samples.npz     generated samples of the last evaluation
+    <root>/<grid>/<target>/<method>/r<replicate>/samples_small.npz   its first ``release_rows(dim)`` rows
     <root>/<grid>/<target>/<method>/r<replicate>/checkpoint.pt   resume state while running
+
+``record.json`` and ``samples_small.npz`` are what the results release commits (``results/runs/cpu``,
+``results/runs/equal-evals-cpu``); tables and figures read only those, so they regenerate byte for byte from a
+clean checkout.
 """
 
 from __future__ import annotations
@@ -150,6 +155,15 @@ class RunRecord:
 
 RECORD_NAME = "record.json"
 SAMPLES_NAME = "samples.npz"
+#: the committed subsample of the last evaluation's samples (figures read it; see ``release_rows``)
+RELEASE_SAMPLES_NAME = "samples_small.npz"
+#: the committed subsample's size: about 160 kB of float32 per cell (1000 rows up to dim 40; LJ-55: 242)
+RELEASE_BYTES = 160_000
+
+
+def release_rows(dim: int) -> int:
+    """Rows of ``samples_small.npz`` for samples of dimension ``dim``: min(1000, RELEASE_BYTES / (4 dim))."""
+    return max(1, min(1000, RELEASE_BYTES // (4 * int(dim))))
 #: metric columns of ``load_records`` carry this prefix (``m_x_w2``, ``m_e_w2_floor``, ...)
 METRIC_PREFIX = "m_"
 #: per-checkpoint usage columns carry this prefix (``u_energy_evals``, ``u_train_seconds``, ...)
@@ -190,9 +204,10 @@ def record_rows(rec: RunRecord, path: str | Path | None = None) -> list[dict[str
         "path": str(path) if path is not None else None,
         "samples_path": None,
     }
-    if rec.samples_file and path is not None:
-        sp = Path(path).parent / rec.samples_file
-        base["samples_path"] = str(sp) if sp.exists() else None
+    if path is not None:  # the committed subsample first, so figures do not depend on what else is on disk
+        small = Path(path).parent / RELEASE_SAMPLES_NAME
+        sp = small if small.exists() else (Path(path).parent / rec.samples_file if rec.samples_file else None)
+        base["samples_path"] = str(sp) if sp is not None and sp.exists() else None
     for k, v in rec.usage.items():
         base[f"total_{k}"] = v
     base["primary_protocol"] = s.protocol

@@ -531,8 +531,8 @@ class ControlConfig(MethodConfig):
     }
     BUDGETS = {
         "smoke": {"*": {"steps": 3}},
-        "cpu": {"gmm40": {"steps": 2000, "wall_seconds": 2400.0},
-                "dw4": {"steps": 1500, "wall_seconds": 2400.0}},
+        "cpu": {"gmm40": {"steps": 2000},
+                "dw4": {"steps": 1500}},
         # the DEM / BNEM trainer: 100 optimiser steps per epoch × 1000 epochs (LJ-55: 2000 epochs)
         "paper": {"*": {"steps": 100_000}, "lj55": {"steps": 200_000}},
     }

@@ -66,7 +66,7 @@ class PISConfig(ControlConfig):
     }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         **ControlConfig.BUDGETS,
-        "cpu": {**ControlConfig.BUDGETS["cpu"], "gmm40": {"steps": 4000, "wall_seconds": 3600.0}},
+        "cpu": {**ControlConfig.BUDGETS["cpu"], "gmm40": {"steps": 4000}},
     }
 
 

@@ -35,7 +35,7 @@ def _toy_classes() -> tuple[type, type]:
         # plain class attributes (no annotation): a string "ClassVar[...]" annotation is resolved in
         # sys.modules["conftest"], which is tests/bench/conftest.py when both conftests are loaded
         PRESETS = {"smoke": {"*": {"batch_size": 16}}}
-        BUDGETS = {"cpu": {"dw4": {"steps": 50}}}
+        BUDGETS = {"cpu": {"*": {"steps": 50}}}
 
         batch_size: int = 32
         lr: float = 0.01

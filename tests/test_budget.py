@@ -94,3 +94,17 @@ def test_usage_round_trip_and_in_place_load():
     v.load(d)
     assert ct.usage is v and v == u
     assert Usage.from_dict(d) == u
+
+
+def test_guard_is_checked_last_and_is_no_budget_of_its_own():
+    from harness.budget import Budget, Usage
+
+    b = Budget(steps=10, guard_seconds=5.0)
+    assert b.counted and not Budget(wall_seconds=5.0).counted
+    assert b.exhausted(Usage(steps=10, train_seconds=9.0)) == "steps"  # the counted limit wins a tie
+    assert b.exhausted(Usage(steps=3, train_seconds=5.0)) == "guard_seconds"
+    assert b.fraction(Usage(steps=3, train_seconds=5.0)) == 0.3  # the guard is not a budget fraction
+    with pytest.raises(ValueError, match="guard_seconds alone is a guard"):
+        Budget(guard_seconds=5.0)
+    with pytest.raises(ValueError, match="guard_seconds"):
+        Budget.from_dict({"guard": 1})

@@ -19,8 +19,8 @@ def _independent_seed(grid_seed: int, t: str, m: str, r: int) -> int:
 
 
 def test_every_named_grid_exists_and_unknown_names_list_them():
-    assert set(grids.names()) == {"smoke", "cpu", "paper", "full", "equal-evals"}
-    with pytest.raises(ValueError, match="valid grids: smoke, cpu, paper, full, equal-evals"):
+    assert set(grids.names()) == {"smoke", "cpu", "paper", "full", "equal-evals", "equal-evals-cpu"}
+    with pytest.raises(ValueError, match="valid grids: smoke, cpu, paper, full, equal-evals, equal-evals-cpu"):
         grids.get("nope")
 
 
@@ -39,7 +39,7 @@ def test_seeds_are_deterministic_distinct_and_grid_independent(toy_method):
     a = grids.expand("cpu", methods=["toy"])
     b = grids.expand("cpu", methods=["toy"])
     assert [s.seed for s in a.specs] == [s.seed for s in b.specs]
-    assert len({s.seed for s in a.specs}) == len(a.specs) == 2 * 3  # gmm40, dw4 x 3 seeds
+    assert len({s.seed for s in a.specs}) == len(a.specs) == 4 * 3  # every target x 3 seeds
     full = {(s.target, s.replicate): s.seed for s in grids.expand("full", methods=["toy"]).specs}
     for s in a.specs:
         assert full[(s.target, s.replicate)] == s.seed
@@ -67,7 +67,27 @@ def test_method_presets_and_suggested_budgets_are_applied(toy_method):
     s = grids.expand("smoke", methods=["toy"], targets=["dw4"]).specs[0]
     assert s.config == {"batch_size": 16}  # ToyConfig.PRESETS["smoke"]["*"]
     s = grids.expand("cpu", methods=["toy"], targets=["dw4"], seeds=1).specs[0]
-    assert s.budget == {"wall_seconds": 900.0, "steps": 50}  # harness default + ToyConfig.BUDGETS["cpu"]
+    assert s.budget == {"guard_seconds": 3600.0, "steps": 50}  # harness guard + ToyConfig.BUDGETS["cpu"]
+
+
+def test_cpu_grids_refuse_a_cell_without_a_counted_budget(toy_method, monkeypatch):
+    monkeypatch.setattr(toy_method.Config, "BUDGETS", {"cpu": {"dw4": {"steps": 50}}})
+    with pytest.raises(ValueError, match=r"counted budget .* toy on gmm40 .*BUDGETS\['cpu'\]\['gmm40'\]"):
+        grids.expand("cpu", methods=["toy"])
+    ok = grids.expand("cpu", methods=["toy"], overrides=["budget.steps=7"]).specs  # --set supplies one
+    assert {s.budget["steps"] for s in ok} == {7}
+    # the paper grids fall back to the guard's wall-clock as the budget when no step count is published
+    s = grids.expand("paper", methods=["toy"], targets=["gmm40"]).specs[0]
+    assert s.budget == {"wall_seconds": 172800.0}
+
+
+def test_equal_evals_cpu_uses_cpu_presets_and_one_budget_per_target(toy_method, monkeypatch):
+    monkeypatch.setattr(toy_method.Config, "PRESETS", {"cpu": {"*": {"batch_size": 8}}})
+    ex = grids.expand("equal-evals-cpu", methods=["toy"])
+    assert {s.target for s in ex.specs} == set(targets.names())
+    for s in ex.specs:
+        assert s.budget == {"energy_evals": grids.EQUAL_EVALS_CPU[s.target], "guard_seconds": 3600.0}
+        assert s.config == {"batch_size": 8}
 
 
 def test_selection_errors_name_the_valid_choices(toy_method):
@@ -103,7 +123,7 @@ def test_overrides_are_parsed_with_the_field_type(toy_method):
         ("toy.lr=abc", "expects a float"),
         ("toy.nan_samples=maybe", "expects a bool"),
         ("idemx.k=1", "valid prefixes: budget, toy"),
-        ("budget.epochs=3", "valid keys: energy_evals, wall_seconds, steps"),
+        ("budget.epochs=3", "valid keys: energy_evals, wall_seconds, steps, guard_seconds"),
         ("budget.steps=-1", "positive"),
         ("toy.lr", "malformed override"),
         ("lr=3", "malformed override"),
@@ -130,6 +150,6 @@ def test_coerce_handles_literals_unions_and_tuples():
 def test_time_limit_follows_the_wall_clock_budget(toy_method):
     ex = grids.expand("cpu", methods=["toy"], seeds=1)
     s = ex.specs[0]
-    assert ex.time_limit_min(s) == int(-(-1.25 * 900 // 60) + 10)
+    assert ex.time_limit_min(s) == int(-(-1.25 * 3600 // 60) + 10)  # from the guard
     ex = grids.expand("smoke", methods=["toy"], overrides=["budget.wall_seconds=none"])
     assert ex.time_limit_min(ex.specs[0]) == grids.get("smoke").time_limit_min

@@ -246,3 +246,37 @@ def test_usr2_goes_to_the_previous_handler_and_timeout_is_recorded(toy_method, f
     rec = RunRecord.read(spec.run_dir(results) / "record.json")
     assert rec.status == "timeout" and rec.usage["steps"] == 3
     assert ck.load_checkpoint(spec.run_dir(results))["usage"]["steps"] == 3
+
+
+def test_wall_clock_guard_records_timeout_and_a_larger_guard_resumes(toy_method, fast_metrics, results):
+    # 0.05 s steps under a 0.12 s guard: it stops after 3 of 20 counted steps, scored, status timeout
+    spec = _spec(config={"step_sleep_s": 0.05}, budget={"steps": 20, "guard_seconds": 0.12},
+                 eval_fractions=(0.5, 1.0))
+    rec = job.run_one(spec, results)
+    assert rec.status == "timeout" and rec.stop_reason == job.GUARD_STOP
+    assert rec.usage["steps"] == 3
+    assert [e["step"] for e in rec.evaluations] == [3]  # evaluated where it stopped
+    assert rec.evaluations[0]["scores"]  # and scored under the protocols
+    run_dir = spec.run_dir(results)
+    assert (run_dir / ck.CHECKPOINT_NAME).exists()  # kept: a larger guard resumes from the stop
+    small = np.load(run_dir / "samples_small.npz")["samples"]
+    np.testing.assert_array_equal(small, np.load(run_dir / rec.evaluations[-1]["samples_file"])["samples"])
+    # the same guard: finished for this spec, not re-run
+    calls = []
+    again = job.run_one(spec, results, on_step=lambda s, logs: calls.append(s))
+    assert calls == [] and again.finished_at == rec.finished_at
+    # the guard is not part of the cell's identity: a larger one resumes at step 3 and finishes the steps
+    bigger = replace(spec, budget={"steps": 20, "guard_seconds": 60.0})
+    assert job.spec_key(bigger) == job.spec_key(spec)
+    done = job.run_one(bigger, results, on_step=lambda s, logs: calls.append(s))
+    assert done.status == "ok" and done.stop_reason == "steps" and calls[0] == 4
+    assert [e["step"] for e in done.evaluations] == [10, 20]
+    assert not (run_dir / ck.CHECKPOINT_NAME).exists()
+
+
+def test_a_counted_budget_finishing_first_is_never_a_timeout(toy_method, fast_metrics, results):
+    rec = job.run_one(_spec(budget={"steps": 4, "guard_seconds": 3600.0}), results)
+    assert rec.status == "ok" and rec.stop_reason == "steps"
+    rd = _spec().run_dir(results)
+    with np.load(rd / "samples_small.npz") as z:
+        assert z["samples"].shape == (32, 8)  # fewer rows than release_rows(8) = 1000: all of them
