@@ -47,14 +47,20 @@ def beta_schedule(n_intermediate: int) -> list[float]:
     return [j / m for j in range(m + 1)]
 
 
-def adapt_step(step: float, accept: float, target: float) -> float:
-    """Robbins–Monro-style update of a step size from one pass's acceptance: log ε += accept − target.
+def adapt_step(step: float, accept: float, target: float, factor: float | None = None) -> float:
+    """Update a step size from one pass's acceptance.
 
-    fab-torch multiplies / divides by a fixed 1.05 per pass; from a badly scaled start (DW-4: ε₀ = 1,
-    acceptance 0) shrinking ε tenfold then takes 47 passes, with this rule 4 (×0.52 per pass at
-    acceptance 0, ×1.42 at acceptance 1), and it still settles at the target.
+    - Default (``factor`` None): a Robbins–Monro-style update, log ε += accept − target.
+    - ``factor`` f: the fixed multiplicative rule of fab-torch (f = 1.05) and fab-jax (f = 1.02): ε × f if
+      accept > target, else ε / f.
+
+    From a badly scaled start (DW-4: ε₀ = 1, acceptance 0), shrinking ε tenfold takes 4 passes with the
+    default (×0.52 per pass at acceptance 0, ×1.42 at acceptance 1). The multiplicative rule needs 47 passes
+    at f = 1.05 and 117 at f = 1.02. Both settle at the target.
     """
-    return step * math.exp(accept - target)
+    if factor is None:
+        return step * math.exp(accept - target)
+    return step * factor if accept > target else step / factor
 
 
 @dataclass
@@ -117,8 +123,8 @@ class _Evaluator:
 class Metropolis:
     """Random-walk Metropolis: ``n_steps`` Gaussian proposals of std ``step_size`` per intermediate density.
 
-    ``adapt``: after every pass, log ε_j += (acceptance_j − ``target_accept``) (see ``adapt_step``; the
-    published GMM setting does not adapt).
+    ``adapt``: after every pass, the step size moves towards ``target_accept`` (``adapt_step``, with
+    ``adapt_factor`` as HMC's; the published GMM setting does not adapt).
     """
 
     needs_grad = False
@@ -130,11 +136,13 @@ class Metropolis:
         n_steps: int = 1,
         adapt: bool = False,
         target_accept: float = 0.65,
+        adapt_factor: float | None = None,
     ) -> None:
         if step_size <= 0 or n_steps < 1:
             raise ValueError(f"Metropolis needs step_size > 0 and n_steps >= 1, got {step_size}, {n_steps}")
         self.n_steps = n_steps
         self.adapt = adapt
+        self.adapt_factor = adapt_factor
         self.target_accept = target_accept
         self.step_sizes = torch.full((max(n_intermediate, 1),), float(step_size), dtype=torch.float64)
         self.last_accept = torch.zeros_like(self.step_sizes)
@@ -172,7 +180,8 @@ class Metropolis:
         rate = acc_total / self.n_steps
         self.last_accept[j] = rate
         if self.adapt:
-            self.step_sizes[j] = adapt_step(float(self.step_sizes[j]), rate, self.target_accept)
+            eps_j = float(self.step_sizes[j])
+            self.step_sizes[j] = adapt_step(eps_j, rate, self.target_accept, self.adapt_factor)
         return s
 
     def state_dict(self) -> dict[str, Any]:
@@ -186,10 +195,11 @@ class Metropolis:
 class HMC:
     """Hamiltonian Monte Carlo with ``n_leapfrog`` steps (unit mass), one trajectory per intermediate density.
 
-    Step sizes are per intermediate density, adapted multiplicatively (``adapt_step``) towards
-    ``target_accept`` (0.65, as fab-torch's ``p_accept`` tuning). Gradients driving the dynamics are
-    clamped to ±``max_grad`` (fab-torch: 1e3); this keeps the leapfrog map reversible and
-    volume-preserving, so the Metropolis correction (with the exact log π) still makes the kernel exact.
+    Step sizes are per intermediate density, adapted after every pass towards ``target_accept`` (0.65, as
+    fab-torch's ``p_accept`` tuning) by ``adapt_step`` (``adapt_factor``: None for the default rule, 1.02 for
+    fab-jax's). Gradients driving the dynamics are clamped to ±``max_grad`` (fab-torch: 1e3); this keeps the
+    leapfrog map reversible and volume-preserving, so the Metropolis correction (with the exact log π) still
+    makes the kernel exact.
     """
 
     needs_grad = True
@@ -202,11 +212,15 @@ class HMC:
         adapt: bool = True,
         target_accept: float = 0.65,
         max_grad: float = 1e3,
+        adapt_factor: float | None = None,
     ) -> None:
         if step_size <= 0 or n_leapfrog < 1:
             raise ValueError(f"HMC needs step_size > 0 and n_leapfrog >= 1, got {step_size}, {n_leapfrog}")
+        if adapt_factor is not None and not adapt_factor > 1:
+            raise ValueError(f"HMC adapt_factor must be > 1 (or None), got {adapt_factor}")
         self.n_leapfrog = n_leapfrog
         self.adapt = adapt
+        self.adapt_factor = adapt_factor
         self.target_accept = target_accept
         self.max_grad = max_grad
         self.step_sizes = torch.full((max(n_intermediate, 1),), float(step_size), dtype=torch.float64)
@@ -263,7 +277,8 @@ class HMC:
         rate = float(accept.double().mean())
         self.last_accept[j] = rate
         if self.adapt:
-            self.step_sizes[j] = adapt_step(float(self.step_sizes[j]), rate, self.target_accept)
+            eps_j = float(self.step_sizes[j])
+            self.step_sizes[j] = adapt_step(eps_j, rate, self.target_accept, self.adapt_factor)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,37 +1,77 @@
 """FAB: flow annealed importance sampling bootstrap (Midgley et al., ICLR 2023) as method ``fab``.
 
-A normalising flow q_θ is trained by minimising the α-divergence D_α(p‖q) (α = 2), whose gradient
-−E_g[∇ log q_θ] with g ∝ p^α q^{1−α} is estimated with AIS samples from q towards g (``methods.ais``),
-stored in a prioritised replay buffer (``methods.prioritised_buffer``) and re-used for several gradient steps
-with the weight correction (1 − α)(log q_new − log q_old).
+A normalising flow q_θ is trained by minimising the α-divergence D_α(p‖q) with α = 2. The gradient is
+−E_g[∇ log q_θ] with g ∝ p^α q^{1−α}.
+- It is estimated with AIS samples from q towards g (``methods.ais``).
+- The samples are stored in a prioritised replay buffer (``methods.prioritised_buffer``) and re-used for
+  several gradient steps, with the weight correction (1 − α)(log q_new − log q_old).
 
-One ``train_step`` is one optimiser step. With the buffer (the published setting) an AIS batch of
-``batch_size`` chains is generated before every ``n_updates_per_ais`` steps (and, first, enough batches to
-reach ``buffer_min``); without it every step uses a fresh AIS batch and the loss −Σ softmax(log w) log q_θ(x).
+One ``train_step`` is one optimiser step.
+- With the buffer (the published setting), an AIS batch of ``batch_size`` chains is generated before every
+  ``n_updates_per_ais`` steps. Before the first step, enough batches are generated to reach ``buffer_min``.
+- Without the buffer, every step uses a fresh AIS batch and the loss −Σ softmax(log w) log q_θ(x).
 
-Flows: ``realnvp`` (GMM-40; works in the target's raw coordinates like fab-torch, base N(loc, diag(scale²))
-with trainable loc and log-scale, initial scale ``base_scale``) and ``egnn_cnf`` for particle targets (an
-E(n)-equivariant continuous flow on the shared ``methods.nets.EGNN``; mean-free Gaussian base).
+Flows (``flow``):
+- ``realnvp`` (GMM-40): works in the target's raw coordinates, as fab-torch does. The base is
+  N(loc, diag(scale²)) with trainable loc and log-scale and initial scale ``base_scale``.
+- ``eacf`` (default for particle targets): the SE(3)-equivariant augmented coupling flow of the published
+  particle results (``methods.eacf``).
+  - It is a flow on the joint (x, a) space. AIS/HMC and the buffer run there, with target p(x)·π(a | x)
+    (``methods.eacf.AugmentedTarget``).
+  - ``sample`` returns the x part.
+  - Importance weights (``sample_mode="resample"``, ``log_z``, ``ess``) are the joint weights
+    p(x)π(a|x)/q(x, a), as the published evaluation's reverse ESS.
+  - ``diagnostics`` also reports the marginal ones, with log q̂(x) the K-sample estimate.
+- ``cnf`` (the variant ``fab@cnf``): our E(n)-equivariant continuous flow on the shared
+  ``methods.nets.EGNN``, with a mean-free Gaussian base.
+
+Optimiser: Adam.
+- ``lr_schedule="warmup_cosine"`` is the published particle schedule: linear warm-up from ``lr_init`` to
+  ``lr``, then cosine decay to ``lr_end`` at ``lr_total_steps``.
+- ``grad_clip_mode="dynamic"`` is the published dynamic clipping: skip a step whose gradient norm is above
+  10 × the median of the last 100 norms, or is not finite; otherwise clip to 2 × that median.
+- ``"fixed"`` clips to ``grad_clip``. This is fab-torch's, and our GMM-40 and CNF setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from methods.ais import HMC, AnnealedImportanceSampler, Metropolis, alpha_div_loss, log_weights_ess
-from methods.base import Method, MethodConfig
+from methods.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Method, MethodConfig, Range
+from methods.eacf import AugmentedTarget, EACFFlow
 from methods.flows import EquivariantCNF, RealNVP
 from methods.prioritised_buffer import PrioritisedReplayBuffer
 from methods.registry import METHODS
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# smoke-grid particle flows: one RK4 step of a one-layer EGNN, one HMC intermediate with 2 leapfrog steps
-_TINY_CNF = {"cnf_steps": 1, "hidden": 16, "n_layers": 1, "n_intermediate": 1, "n_inner": 2}
+# smoke-grid particle flows: one RK4 step of a one-layer EGNN (CNF) or one block of a one-layer EGNN (EACF),
+# one HMC intermediate with 2 leapfrog steps
+_TINY = {
+    "cnf_steps": 1, "hidden": 16, "n_layers": 1, "n_intermediate": 1, "n_inner": 2,
+    "eacf_blocks": 1, "eacf_egnn_layers": 1, "eacf_hidden": 16, "eacf_features": 16, "spline_bins": 4,
+    "marginal_k": 4, "diag_marginal_samples": 16,
+}
+# the published particle optimiser (EACF examples/config/training/optimizer/default_lr_schedule.yaml): Adam,
+# lr 2e-5 -> 2e-4 over 30 AIS iterations x 8 updates, cosine down to 2e-5 at the last step; dynamic clipping
+# (skip above 10 x, clip at 2 x the median of the last 100 gradient norms)
+_EACF_OPT = {
+    "lr": 2e-4, "lr_schedule": "warmup_cosine", "lr_init": 2e-5, "lr_end": 2e-5, "lr_warmup_steps": 30 * 8,
+    "grad_clip_mode": "dynamic", "dyn_clip_factor": 2.0, "dyn_skip_factor": 10.0, "dyn_window": 100,
+}
+# the published particle AIS and buffer (EACF examples/config/fab/default.yaml): HMC 1 x 5 leapfrog steps,
+# eps0 1.0 tuned to p_accept 0.65, 8 gradient updates per AIS pass, buffer 512 / 64 batches, w-adjust clip 10
+_EACF_FAB = {
+    "transition": "hmc", "n_inner": 5, "step_size": 1.0, "adapt_step_size": True, "n_updates_per_ais": 8,
+    "w_adjust_max_clip": 10.0, "dtype": "float32", "flow": "eacf",
+}
+#: cpu grid: optimiser steps of the DW-4 / LJ-13 / LJ-55 cells (the lr schedule decays over exactly these)
+CPU_STEPS = {"dw4": 2_000, "lj13": 400, "lj55": 40}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +87,40 @@ class FABConfig(MethodConfig):
     step_size: float = 5.0
     adapt_step_size: bool = False
     target_accept: float = 0.65
+    step_adapt_factor: float | None = None  # None: log ε += acc − target; f: ×/÷ f per pass (fab-jax 1.02)
     max_grad: float = 1e3  # HMC gradient clamp (fab-torch max_grad)
     # --- flow
-    flow: Literal["realnvp", "egnn_cnf"] = "realnvp"
-    n_layers: int = 15
-    hidden: int = 80
-    base_scale: float = 1.0
+    flow: Literal["realnvp", "cnf", "eacf"] = "realnvp"
+    n_layers: int = 15  # RealNVP coupling blocks; CNF: EGNN layers
+    hidden: int = 80  # RealNVP MLP width; CNF: EGNN width
+    base_scale: float = 1.0  # std of the base (EACF: of its x part)
     cnf_steps: int = 8  # RK4 steps of the continuous flow
     cnf_divergence: Literal["auto", "exact", "hutchinson"] = "auto"
+    # EACF (methods.eacf; published: 12 blocks, EGNN 3 layers, MLPs 64, 128 invariant features, 8 bins)
+    eacf_blocks: int = 12
+    eacf_egnn_layers: int = 3
+    eacf_hidden: int = 64
+    eacf_features: int = 128
+    spline_bins: int = 8
+    spline_r_max: float = 10.0
+    aug_scale: float = 0.1  # std of π(a | x) = N(x, σ²) and of the base's a | x
+    aux_loss_weight: float = 0.0  # frame barrier loss (published: 1 on LJ-13, off on DW-4)
+    marginal_k: int = 20  # K of the marginal log q̂(x) (published K_marginal_log_lik)
+    diag_marginal_samples: int = 256  # flow samples for the marginal ESS / log Z in diagnostics (0: off)
     dtype: Literal["float32", "float64"] = "float64"
     # --- optimisation
     batch_size: int = 128
-    lr: float = 1e-4
-    grad_clip: float = 100.0
+    lr: float = 1e-4  # the peak of the warm-up/cosine schedule
+    lr_schedule: Literal["constant", "warmup_cosine"] = "constant"
+    lr_init: float = 2e-5
+    lr_end: float = 2e-5
+    lr_warmup_steps: int = 240
+    lr_total_steps: int = 160_000
+    grad_clip_mode: Literal["fixed", "dynamic"] = "fixed"
+    grad_clip: float = 100.0  # fixed mode
+    dyn_clip_factor: float = 2.0
+    dyn_skip_factor: float = 10.0
+    dyn_window: int = 100
     # --- prioritised replay buffer
     use_buffer: bool = True
     buffer_max: int = 12_800
@@ -70,70 +131,66 @@ class FABConfig(MethodConfig):
     sample_mode: Literal["flow", "resample"] = "flow"
     diag_samples: int = 1024
 
+    RANGES = {
+        **dict.fromkeys(("eacf_blocks", "eacf_egnn_layers", "eacf_hidden", "eacf_features", "marginal_k",
+                         "lr_warmup_steps", "lr_total_steps", "dyn_window"), AT_LEAST_1),
+        "spline_bins": Range(2),
+        **dict.fromkeys(("spline_r_max", "aug_scale", "lr_init", "lr_end", "dyn_clip_factor",
+                         "dyn_skip_factor"), POSITIVE),
+        **dict.fromkeys(("aux_loss_weight", "diag_marginal_samples"), NON_NEGATIVE),
+        "step_adapt_factor": Range(1.0, lo_open=True),
+    }
+
     PER_TARGET = {
         # fab-torch experiments/config/gmm.yaml (README command: use_buffer=True prioritised_buffer=True),
         # 1 intermediate density as in the FAB paper's GMM experiment; flow in raw coordinates, base N(0, I).
         "gmm40": {},
-        # se3-augmented-coupling-flows examples/config/dw4_fab.yaml + fab/default.yaml: 2 intermediates, HMC
-        # (1 outer × 5 leapfrog, ε0 1.0, tuned to p_accept 0.65), batch 128, buffer 512/64 batches, 8 updates
-        # per AIS pass, w-adjust clip 10. Flow: our EGNN CNF instead of the augmented coupling flow, its base
-        # scale 2 matched to the DW-4 coordinate spread (reference coordinate std 1.8; not a published value).
+        # se3-augmented-coupling-flows examples/config/dw4_fab.yaml + fab/default.yaml + flow/default.yaml +
+        # training/optimizer/default_lr_schedule.yaml: EACF (spherical = polar in 2-D, 12 blocks, unit base),
+        # 2 intermediates, HMC, batch 128, buffer 512/64 batches, 20 000 iterations x 8 updates (the lr
+        # schedule's length), no auxiliary loss (use_flow_aux_loss: false), float32.
+        # hidden / n_layers / base_scale 2 are the CNF's (fab@cnf) when the flow is switched
         "dw4": {
-            "flow": "egnn_cnf",
-            "n_intermediate": 2,
-            "transition": "hmc",
-            "n_inner": 5,
-            "step_size": 1.0,
-            "adapt_step_size": True,
-            "batch_size": 128,
-            "lr": 2e-4,
-            "buffer_max": 512 * 128,
-            "buffer_min": 64 * 128,
-            "n_updates_per_ais": 8,
-            "w_adjust_max_clip": 10.0,
-            "dtype": "float32",
-            "hidden": 64,
-            "n_layers": 3,
-            "base_scale": 2.0,
+            **_EACF_FAB, **_EACF_OPT,
+            "n_intermediate": 2, "batch_size": 128, "buffer_max": 512 * 128, "buffer_min": 64 * 128,
+            "lr_total_steps": 20_000 * 8, "hidden": 64, "n_layers": 3,
         },
-        # EACF lj13_fab.yaml: 8 intermediates, batch 1024; the rest as DW-4.
+        # EACF lj13_fab.yaml: 8 intermediates, batch 1024 (8 TPU x 128), 14 000 iterations x 8 updates, the
+        # auxiliary frame loss on with weight 1 (training/default.yaml); the rest as DW-4. Our LJ-13 energy
+        # counts each pair twice (DEM's), the published run used the once-counted one: docs/fab.md
         "lj13": {
-            "flow": "egnn_cnf",
-            "n_intermediate": 8,
-            "transition": "hmc",
-            "n_inner": 5,
-            "step_size": 1.0,
-            "adapt_step_size": True,
-            "batch_size": 1024,
-            "lr": 2e-4,
-            "buffer_max": 512 * 1024,
-            "buffer_min": 64 * 1024,
-            "n_updates_per_ais": 8,
-            "w_adjust_max_clip": 10.0,
-            "dtype": "float32",
-            "hidden": 64,
-            "n_layers": 3,
-            "base_scale": 1.0,
+            **_EACF_FAB, **_EACF_OPT,
+            "n_intermediate": 8, "batch_size": 1024, "buffer_max": 512 * 1024, "buffer_min": 64 * 1024,
+            "lr_total_steps": 14_000 * 8, "aux_loss_weight": 1.0, "hidden": 64, "n_layers": 3,
         },
-        # no published FAB setting for LJ-55: the LJ-13 one with a smaller batch.
+        # no published FAB setting for LJ-55: the LJ-13 one with batch 128 and a smaller buffer; the CNF
+        # (fab@cnf) uses the Hutchinson divergence here
         "lj55": {
-            "flow": "egnn_cnf",
-            "n_intermediate": 8,
-            "transition": "hmc",
-            "n_inner": 5,
-            "step_size": 0.5,
-            "adapt_step_size": True,
-            "batch_size": 128,
-            "lr": 2e-4,
-            "buffer_max": 512 * 128,
-            "buffer_min": 8 * 128,
-            "n_updates_per_ais": 8,
-            "w_adjust_max_clip": 10.0,
-            "dtype": "float32",
-            "hidden": 64,
-            "n_layers": 3,
-            "base_scale": 1.0,
-            "cnf_divergence": "hutchinson",
+            **_EACF_FAB, **_EACF_OPT,
+            "n_intermediate": 8, "batch_size": 128, "buffer_max": 512 * 128, "buffer_min": 8 * 128,
+            "lr_total_steps": 14_000 * 8, "aux_loss_weight": 1.0, "step_size": 0.5, "hidden": 64,
+            "n_layers": 3, "cnf_divergence": "hutchinson",
+        },
+    }
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cnf": {
+            "description": "the continuous E(n)-equivariant flow (our EGNN CNF, RK4, exact divergence up to "
+            "dim 64) instead of the augmented coupling flow: issue 21's fab-cnf; constant lr, fixed "
+            "gradient-norm clip 100; DW-4 base scale 2. Not comparable with the published FAB numbers "
+            "(another model class; log q carries integration error, on LJ-55 Hutchinson noise)",
+            "source": "methods/flows.py EquivariantCNF (ours); AIS and buffer as the EACF FAB configs",
+            "overrides": {
+                "*": {"flow": "cnf", "lr_schedule": "constant", "grad_clip_mode": "fixed"},
+                "dw4": {"base_scale": 2.0},
+            },
+        },
+        "published": {
+            "description": "the published code's HMC step-size rule: ×/÷ 1.02 per AIS pass towards "
+            "acceptance 0.65 (fab-jax), instead of our log-step rule (log ε += acceptance − 0.65)",
+            "source": "lollcat/fab-jax fabjax/sampling/mcmc/hmc.py at v0.0.0 (step_size_multiplier 1.02), "
+            "as pinned by lollcat/se3-augmented-coupling-flows",
+            "overrides": {"dw4": {"step_adapt_factor": 1.02}, "lj13": {"step_adapt_factor": 1.02},
+                          "lj55": {"step_adapt_factor": 1.02}},
         },
     }
     PRESETS = {
@@ -142,22 +199,15 @@ class FABConfig(MethodConfig):
             "*": {"batch_size": 32, "buffer_max": 256, "buffer_min": 64, "diag_samples": 128},
             "gmm40": {"n_layers": 4, "hidden": 32},
             "dw4": {
-                "cnf_steps": 1,
-                "hidden": 16,
-                "n_layers": 2,
-                "batch_size": 16,
-                "buffer_min": 16,
-                "buffer_max": 128,
-                "diag_samples": 64,
+                **_TINY, "n_layers": 2, "n_intermediate": 2, "n_inner": 5, "batch_size": 16, "buffer_min": 16,
+                "buffer_max": 128, "diag_samples": 64, "lr_warmup_steps": 2, "lr_total_steps": 4,
             },
             "lj13": {
-                **_TINY_CNF,
-                "cnf_divergence": "hutchinson",
-                "batch_size": 16,
-                "buffer_min": 16,
-                "diag_samples": 32,
+                **_TINY, "cnf_divergence": "hutchinson", "batch_size": 16, "buffer_min": 16,
+                "diag_samples": 32, "lr_warmup_steps": 2, "lr_total_steps": 4,
             },
-            "lj55": {**_TINY_CNF, "batch_size": 8, "buffer_min": 8, "buffer_max": 64, "diag_samples": 16},
+            "lj55": {**_TINY, "batch_size": 8, "buffer_min": 8, "buffer_max": 64, "diag_samples": 16,
+                     "lr_warmup_steps": 2, "lr_total_steps": 4},
         },
         "cpu": {
             # GMM-40: the published flow, AIS and buffer, but fewer optimiser steps than published fit in a
@@ -165,22 +215,33 @@ class FABConfig(MethodConfig):
             # [−40, 40]²), lr 1e-3, and the weight-adjustment clip 10 of the FAB authors' particle configs
             # (without it lr 1e-3 made buffer weights blow up: skipped steps, see docs/fab.md)
             "gmm40": {"base_scale": 20.0, "lr": 1e-3, "w_adjust_max_clip": 10.0},
-            # DW-4: a small continuous flow (2 RK4 steps) and batch 64 — the HMC-AIS with the flow's
-            # log-density gradient (double back-propagation through the CNF) dominates the cost
+            # DW-4 (docs/fab.md, "cpu presets"): EACF with 4 blocks instead of 12; batch 64; buffer 16-256
+            # batches; the published schedule shape over the cell's steps. The CNF fields are fab@cnf's
             "dw4": {
-                "cnf_steps": 2,
-                "hidden": 32,
-                "n_layers": 3,
-                "batch_size": 64,
-                "buffer_min": 512,
-                "buffer_max": 8192,
-                "lr": 1e-3,
+                "eacf_blocks": 4, "batch_size": 64, "buffer_min": 16 * 64, "buffer_max": 256 * 64,
+                "lr_warmup_steps": 80, "lr_total_steps": CPU_STEPS["dw4"], "diag_marginal_samples": 128,
+                "cnf_steps": 2, "hidden": 32, "n_layers": 3,
+            },
+            "lj13": {
+                "eacf_blocks": 2, "eacf_egnn_layers": 2, "n_intermediate": 2, "batch_size": 32,
+                "buffer_min": 8 * 32, "buffer_max": 256 * 32, "lr_warmup_steps": 40,
+                "lr_total_steps": CPU_STEPS["lj13"], "diag_samples": 256, "diag_marginal_samples": 32,
+                "cnf_steps": 2, "hidden": 32, "n_layers": 2,
+            },
+            "lj55": {
+                "eacf_blocks": 1, "eacf_egnn_layers": 1, "eacf_hidden": 32, "eacf_features": 32,
+                "n_intermediate": 1, "batch_size": 8, "buffer_min": 4 * 8, "buffer_max": 64 * 8,
+                "lr_warmup_steps": 8, "lr_total_steps": CPU_STEPS["lj55"], "diag_samples": 64,
+                "diag_marginal_samples": 0, "cnf_steps": 1, "hidden": 16, "n_layers": 1,
             },
         },
     }
     BUDGETS = {
         "smoke": {"*": {"steps": 4, "wall_seconds": 60}},
-        "cpu": {"gmm40": {"steps": 5_000, "wall_seconds": 1800}, "dw4": {"wall_seconds": 1800}},
+        "cpu": {
+            "gmm40": {"steps": 5_000, "wall_seconds": 1800},
+            **{t: {"steps": n, "wall_seconds": 1200} for t, n in CPU_STEPS.items()},
+        },
         # fab-torch GMM: 2e7 flow forward passes = 52 076 AIS iterations × 4 buffer steps
         "paper": {"gmm40": {"steps": 208_304}, "dw4": {"steps": 20_000 * 8}, "lj13": {"steps": 14_000 * 8}},
     }
@@ -201,6 +262,12 @@ class FABConfig(MethodConfig):
             "buffer_min": 0 < self.buffer_min <= self.buffer_max,
             "diag_samples": self.diag_samples >= 2,
             "target_accept": 0 < self.target_accept < 1,
+            "eacf_blocks": self.eacf_blocks >= 1,
+            "spline_bins": self.spline_bins >= 2,
+            "marginal_k": self.marginal_k >= 1,
+            "lr_total_steps": self.lr_total_steps >= 1,
+            "dyn_window": self.dyn_window >= 3,
+            "step_adapt_factor": self.step_adapt_factor is None or self.step_adapt_factor > 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -227,11 +294,15 @@ class FAB(Method):
         self.dtype = _DTYPES[c.dtype]
         self.particles = getattr(target, "n_particles", None) is not None
         if c.flow == "realnvp" and self.particles:
-            raise ValueError(f"fab: flow 'realnvp' is not equivariant; use flow='egnn_cnf' for {target.name}")
-        if c.flow == "egnn_cnf" and not self.particles:
             raise ValueError(
-                f"fab: flow 'egnn_cnf' needs a particle target; use flow='realnvp' for {target.name}"
+                f"fab: flow 'realnvp' is not equivariant; use flow='eacf' or 'cnf' for {target.name}"
             )
+        if c.flow in ("cnf", "eacf") and not self.particles:
+            raise ValueError(
+                f"fab: flow {c.flow!r} needs a particle target; use flow='realnvp' for {target.name}"
+            )
+        #: EACF: the flow, AIS and buffer live on the joint (x, a) space
+        self.joint = c.flow == "eacf"
         seed = _derive_seed(generator)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -240,30 +311,51 @@ class FAB(Method):
         self.flow.to(device=self.device, dtype=self.dtype)
         if isinstance(self.flow, EquivariantCNF):
             self.flow.set_probe_generator(generator)
-        project = target.center if self.particles else None
+        if isinstance(self.flow, EACFFlow):
+            self.ais_target: Any = AugmentedTarget(target, self.flow)
+            project = self.flow.project
+        else:
+            self.ais_target = target
+            project = target.center if self.particles else None
         if c.transition == "hmc":
             trans: Metropolis | HMC = HMC(
-                c.n_intermediate, c.step_size, c.n_inner, c.adapt_step_size, c.target_accept, c.max_grad
+                c.n_intermediate, c.step_size, c.n_inner, c.adapt_step_size, c.target_accept, c.max_grad,
+                c.step_adapt_factor,
             )
         else:
-            trans = Metropolis(c.n_intermediate, c.step_size, c.n_inner, c.adapt_step_size, c.target_accept)
-        self.ais = AnnealedImportanceSampler(self.flow, target, trans, c.n_intermediate, c.alpha, project)
-        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=c.lr)
+            trans = Metropolis(c.n_intermediate, c.step_size, c.n_inner, c.adapt_step_size, c.target_accept,
+                               c.step_adapt_factor)
+        self.ais = AnnealedImportanceSampler(
+            self.flow, self.ais_target, trans, c.n_intermediate, c.alpha, project
+        )
+        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self._lr())
+        flow_dim = self.flow.dim if isinstance(self.flow, EACFFlow) else target.dim
         self.buffer = (
-            PrioritisedReplayBuffer(target.dim, c.buffer_max, c.buffer_min, self.device, self.dtype)
+            PrioritisedReplayBuffer(flow_dim, c.buffer_max, c.buffer_min, self.device, self.dtype)
             if c.use_buffer
             else None
         )
         self.n_steps = 0
         self.n_skipped = 0
+        self.n_opt_steps = 0  # optimiser steps taken (the lr schedule's clock; skipped steps do not count)
         self.n_ais_batches = 0
         self._last_ais_ess = float("nan")
         self._last_accept = float("nan")
+        self._last_aux = float("nan")
+        # dynamic clipping: the last `dyn_window` gradient norms; as published, the window starts with 2/3 of
+        # its entries at 1e30 (every step is taken until 1/3 of the window holds real norms) and the rest NaN
+        self.grad_norms = torch.full((c.dyn_window,), float("nan"), dtype=torch.float64)
+        self.grad_norms[: int(c.dyn_window * 2 / 3)] = 1e30
 
     def _build_flow(self, gen: torch.Generator) -> torch.nn.Module:
         c, t = self.config, self.target
         if c.flow == "realnvp":
             return RealNVP(t.dim, c.n_layers, c.hidden, c.base_scale, generator=gen, dtype=self.dtype)
+        if c.flow == "eacf":
+            return EACFFlow(
+                t.n_particles, t.spatial_dim, c.eacf_blocks, c.eacf_egnn_layers, c.eacf_hidden,
+                c.eacf_features, c.spline_bins, c.spline_r_max, c.base_scale, c.aug_scale,
+            )
         from methods.nets import EGNN
 
         field = EGNN(t.n_particles, t.spatial_dim, hidden=c.hidden, n_layers=c.n_layers)
@@ -285,44 +377,95 @@ class FAB(Method):
         while not self.buffer.can_sample:
             self.buffer.add(*self._run_ais())
 
-    def _log_q_finite(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """log q_θ(x) with a graph, on the rows where it is finite: (log_q [k], mask [B]).
+    def _log_q(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """log q_θ(x) [B] and, when the frame barrier is on (EACF, ``aux_loss_weight`` > 0), its loss [B]."""
+        if isinstance(self.flow, EACFFlow) and self.config.aux_loss_weight > 0:
+            return self.flow.log_prob_and_aux(x)
+        return self.flow.log_prob(x), None
+
+    def _log_q_finite(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """log q_θ(x) with a graph on the rows where it is finite: (log_q [k], mask [B], aux loss [k] / None).
 
         A row whose log q overflows (a stale buffer point far outside the flow's support) would poison the
         gradient (0 · inf = NaN through ``torch.where``), so the pass is redone without those rows.
         """
-        log_q = self.flow.log_prob(x)
+        log_q, aux = self._log_q(x)
         rows = torch.isfinite(log_q)
+        if aux is not None:
+            rows = rows & torch.isfinite(aux)
         if not bool(rows.all()):
-            log_q = self.flow.log_prob(x[rows]) if bool(rows.any()) else log_q[rows]
-        return log_q, rows
+            if bool(rows.any()):
+                log_q, aux = self._log_q(x[rows])
+            else:
+                log_q, aux = log_q[rows], (aux[rows] if aux is not None else None)
+        return log_q, rows, aux
+
+    def _lr(self) -> float:
+        """The learning rate of the next optimiser step (``lr_schedule``).
+
+        As optax's warmup_cosine_decay_schedule: linear from ``lr_init`` to ``lr`` over ``lr_warmup_steps``,
+        cosine to ``lr_end`` at ``lr_total_steps``, then constant. The clock is the number of steps taken.
+        """
+        c = self.config
+        if c.lr_schedule == "constant":
+            return c.lr
+        t = getattr(self, "n_opt_steps", 0)
+        if t < c.lr_warmup_steps:
+            return c.lr_init + (c.lr - c.lr_init) * t / c.lr_warmup_steps
+        decay = max(c.lr_total_steps - c.lr_warmup_steps, 1)
+        frac = min(t - c.lr_warmup_steps, decay) / decay
+        return c.lr_end + (c.lr - c.lr_end) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     def _optimise(self, loss: Tensor) -> tuple[float, bool]:
-        """Adam step on ``loss`` with the gradient clipped to norm ``grad_clip``; False if skipped.
+        """Adam step on ``loss`` with the gradient clipped (``grad_clip_mode``); False if the step is skipped.
 
-        Overflow-safe clipping: back-propagates loss·s with s = 1/max(1, |loss|) and rescales, which gives
-        exactly the clipped gradient of ``loss`` — but stays finite when a stale buffer point with an
-        astronomically small (finite) log q (seen on GMM-40: log q ≈ −5e298 at |x| < 50 after a
-        coupling layer's scale blew up there) makes the raw gradient overflow. Without this such a point,
-        drawn again at every step, made ~30 % of the steps skip.
+        Overflow-safe: back-propagates loss·s with s = 1/max(1, |loss|) and rescales. This gives exactly the
+        clipped gradient of ``loss``, but stays finite when a stale buffer point with an astronomically small
+        (finite) log q makes the raw gradient overflow.
+        - Seen on GMM-40: log q ≈ −5e298 at |x| < 50, after a coupling layer's scale blew up there.
+        - Without this, such a point (drawn again at every step) made ~30 % of the steps skip.
+
+        Dynamic mode (the published particle setting) works on the window of the last ``dyn_window`` norms of
+        the raw gradient:
+        - a step whose norm is not finite, or above ``dyn_skip_factor`` × the window's median, is skipped;
+        - otherwise the gradient is clipped to ``dyn_clip_factor`` × that median;
+        - every norm enters the window, including those of skipped steps.
         """
+        c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         lv = float(loss.detach())
         if not math.isfinite(lv):
+            if c.grad_clip_mode == "dynamic":
+                self._push_norm(float("nan"))
             return lv, False
         s = 1.0 / max(1.0, abs(lv))
         (loss * s).backward()
         params = [p for p in self.flow.parameters() if p.grad is not None]
         n = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        if c.grad_clip_mode == "dynamic":
+            median = float(torch.nanmedian(self.grad_norms))
+            true_norm = n / s if math.isfinite(n) else float("nan")
+            self._push_norm(true_norm)
+            if not math.isfinite(true_norm) or true_norm > c.dyn_skip_factor * median:
+                self.optimizer.zero_grad(set_to_none=True)
+                return lv, False
+            clip = c.dyn_clip_factor * median
+        else:
+            clip = c.grad_clip
         if not math.isfinite(n):
             self.optimizer.zero_grad(set_to_none=True)
             return lv, False
-        clip = self.config.grad_clip
         factor = clip / n if n > clip * s else 1.0 / s  # true norm n/s > clip: clip; else undo the scaling
         for p in params:
             p.grad.mul_(factor)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr()
         self.optimizer.step()
+        self.n_opt_steps += 1
         return lv, True
+
+    def _push_norm(self, v: float) -> None:
+        self.grad_norms = torch.cat([self.grad_norms[1:], torch.tensor([v], dtype=torch.float64)])
 
     def train_step(self) -> dict[str, float]:
         c = self.config
@@ -331,8 +474,8 @@ class FAB(Method):
             x, log_w, _ = self._run_ais()
             self.flow.train()
             keep = torch.isfinite(log_w)
-            log_q, rows = self._log_q_finite(x[keep])
-            loss = alpha_div_loss(log_q, log_w[keep][rows])
+            log_q, rows, aux = self._log_q_finite(x[keep])
+            loss = alpha_div_loss(log_q, log_w[keep][rows]) + self._aux_term(aux)
             lv, ok = self._optimise(loss)
         else:
             self._fill_buffer()
@@ -340,12 +483,12 @@ class FAB(Method):
                 self.buffer.add(*self._run_ais())
             self.flow.train()
             x, _, log_q_old, idx = self.buffer.sample(c.batch_size, self.generator)
-            log_q, rows = self._log_q_finite(x)
+            log_q, rows, aux = self._log_q_finite(x)
             log_w_adj = (1.0 - c.alpha) * (log_q.detach() - log_q_old[rows])
             w_adj = torch.exp(log_w_adj)
             if c.w_adjust_max_clip is not None:
                 w_adj = w_adj.clamp(max=c.w_adjust_max_clip)
-            loss = -(w_adj * log_q).sum() / max(int(rows.sum()), 1)
+            loss = -(w_adj * log_q).sum() / max(int(rows.sum()), 1) + self._aux_term(aux)
             lv, ok = self._optimise(loss)
             # points whose log q is no longer finite get weight 0 (log w = −inf) and are never drawn again
             adj_all = torch.full_like(log_q_old, -float("inf"))
@@ -355,12 +498,25 @@ class FAB(Method):
             self.buffer.adjust(idx, adj_all, lq_all)
         self.n_steps += 1
         self.n_skipped += int(not ok)
-        return {
+        logs = {
             "loss": lv,
             "ais_ess": self._last_ais_ess,
             "ais_accept": self._last_accept,
             "step_size": float(self.ais.transition.step_sizes.mean()),
         }
+        if c.lr_schedule != "constant":
+            logs["lr"] = self._lr()
+        if c.aux_loss_weight > 0 and self.joint:
+            logs["aux_loss"] = self._last_aux
+        return logs
+
+    def _aux_term(self, aux: Tensor | None) -> Tensor | float:
+        """``aux_loss_weight`` × the mean frame-barrier loss of the batch (0 without it)."""
+        if aux is None or aux.numel() == 0:
+            return 0.0
+        m = aux.mean()
+        self._last_aux = float(m.detach())
+        return self.config.aux_loss_weight * m
 
     # ------------------------------------------------------------------ sampling
     def _flow_samples(self, n: int) -> tuple[Tensor, Tensor]:
@@ -370,16 +526,21 @@ class FAB(Method):
         return x, log_q
 
     def _importance_log_weights(self, x: Tensor, log_q: Tensor) -> Tensor:
-        """log p − log q [n] (float64) on flow samples; counted energy evaluations; −inf where non-finite."""
+        """log p − log q [n] (float64) on flow samples; counted energy evaluations (one per row); −inf where
+        non-finite. EACF: the joint weights p(x)π(a|x)/q(x, a) of joint samples."""
         ok = torch.isfinite(x).all(-1) & torch.isfinite(log_q)
         xs = torch.where(ok.unsqueeze(-1), x, torch.zeros_like(x))
         with torch.no_grad():
-            lw = -self.target.energy(xs).double() - log_q.double()
+            lw = -self.ais_target.energy(xs).double() - log_q.double()
         return torch.where(ok & torch.isfinite(lw), lw, torch.full_like(lw, -float("inf")))
+
+    def _x_part(self, x: Tensor) -> Tensor:
+        return self.flow.split(x)[0] if isinstance(self.flow, EACFFlow) else x
 
     def sample(self, n: int) -> Tensor:
         """n samples [n, dim] in target coordinates: flow samples, or (``sample_mode='resample'``) n flow
-        samples resampled multinomially ∝ p/q (n counted energy evaluations)."""
+        samples resampled multinomially ∝ p/q (n counted energy evaluations; EACF: joint weights). EACF
+        returns the x part of joint samples."""
         if n < 1:
             raise ValueError(f"sample: n must be >= 1, got {n}")
         x, log_q = self._flow_samples(n)
@@ -389,19 +550,24 @@ class FAB(Method):
                 probs = torch.softmax(lw, 0)
                 idx = torch.multinomial(probs.to(x.device), n, replacement=True, generator=self.generator)
                 x = x[idx]
+        x = self._x_part(x)
         if self.particles:
             x = self.target.center(x)
         return x.detach().float()
 
     def diagnostics(self) -> dict[str, float]:
-        """log Z (IS estimate from ``diag_samples`` flow samples, energies counted) and normalised ESS of the
-        importance weights p/q, plus AIS / buffer state."""
-        n = self.config.diag_samples
+        """log Z (importance-sampling estimate from ``diag_samples`` flow samples, energies counted) and the
+        normalised ESS of the weights p/q, plus AIS / buffer state.
+
+        EACF: ``log_z`` / ``ess`` use the joint weights p(x)π(a|x)/q(x, a) (the published reverse ESS);
+        ``log_z_marginal`` / ``ess_marginal`` use p(x)/q̂(x) with the K-sample marginal estimate on the first
+        ``diag_marginal_samples`` of them (no further energy evaluations; K flow passes per sample)."""
+        c = self.config
+        n = c.diag_samples
         x, log_q = self._flow_samples(n)
         lw = self._importance_log_weights(x, log_q)
-        log_z = float(torch.logsumexp(lw, 0) - math.log(n))
-        return {
-            "log_z": log_z,
+        out = {
+            "log_z": float(torch.logsumexp(lw, 0) - math.log(n)),
             "ess": log_weights_ess(lw),
             "ais_ess": self._last_ais_ess,
             "ais_accept": self._last_accept,
@@ -410,6 +576,20 @@ class FAB(Method):
             "ais_batches": float(self.n_ais_batches),
             "frac_nonfinite": float((~torch.isfinite(lw)).double().mean()),
         }
+        if isinstance(self.flow, EACFFlow) and c.diag_marginal_samples > 0:
+            m = min(c.diag_marginal_samples, n)
+            xv, a = self.flow.split(x[:m])
+            with torch.no_grad():
+                # log p(x) = joint log-weight + log q(x, a) − log π(a | x): no second energy evaluation
+                log_p = lw[:m] + log_q[:m].double() - self.flow.aux_log_prob(xv, a).double()
+                lq_marg = self.flow.marginal_log_prob(xv, c.marginal_k, self.generator)
+            lwm = log_p - lq_marg.double()
+            lwm = torch.where(torch.isfinite(lwm), lwm, torch.full_like(lwm, -float("inf")))
+            out["log_z_marginal"] = float(torch.logsumexp(lwm, 0) - math.log(m))
+            out["ess_marginal"] = log_weights_ess(lwm)
+        if c.grad_clip_mode == "dynamic":
+            out["grad_norm_median"] = float(torch.nanmedian(self.grad_norms))
+        return out
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -421,7 +601,9 @@ class FAB(Method):
             "n_steps": self.n_steps,
             "n_skipped": self.n_skipped,
             "n_ais_batches": self.n_ais_batches,
-            "last": [self._last_ais_ess, self._last_accept],
+            "n_opt_steps": self.n_opt_steps,
+            "grad_norms": self.grad_norms.clone(),
+            "last": [self._last_ais_ess, self._last_accept, self._last_aux],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -434,4 +616,6 @@ class FAB(Method):
             self.buffer.load_state_dict(state["buffer"])
         self.n_steps, self.n_skipped = int(state["n_steps"]), int(state["n_skipped"])
         self.n_ais_batches = int(state["n_ais_batches"])
-        self._last_ais_ess, self._last_accept = (float(v) for v in state["last"])
+        self.n_opt_steps = int(state["n_opt_steps"])
+        self.grad_norms = state["grad_norms"].clone().to(torch.float64)
+        self._last_ais_ess, self._last_accept, self._last_aux = (float(v) for v in state["last"])

@@ -29,12 +29,16 @@ class StdGaussian(Target):
         return (x**2).sum(-1) / (2 * self.sigma**2) + self.c
 
 
-_LIGHT = {"dw4": {"hidden": 8, "n_layers": 1, "n_inner": 3}}  # cheaper still for the bookkeeping tests
+# cheaper still for the bookkeeping tests (CNF and EACF sizes; each flow reads its own fields)
+_LIGHT = {"dw4": {"hidden": 8, "n_layers": 1, "n_inner": 3, "eacf_hidden": 8, "eacf_features": 8,
+                  "eacf_egnn_layers": 1, "spline_bins": 3, "marginal_k": 2, "diag_marginal_samples": 8}}
 
 
-def _make(target_name: str, seed: int = 0, grid: str = "smoke", **over: object) -> tuple[FAB, CountingTarget]:
+def _make(target_name: str, seed: int = 0, grid: str = "smoke", variant: str | None = None,
+          **over: object) -> tuple[FAB, CountingTarget]:
     ct = CountingTarget(targets.get(target_name))
-    cfg = FABConfig.for_target(target_name, **{**FABConfig.preset(grid, target_name), **over})
+    var = FABConfig.variant(variant, target_name) if variant else {}
+    cfg = FABConfig.for_target(target_name, **{**var, **FABConfig.preset(grid, target_name), **over})
     return FAB(ct, cfg, torch.device("cpu"), torch.Generator().manual_seed(seed)), ct
 
 
@@ -62,8 +66,23 @@ def test_registered_and_configs_valid() -> None:
     )
     assert (gmm.buffer_max, gmm.buffer_min, gmm.n_updates_per_ais, gmm.alpha) == (12_800, 1_280, 4, 2.0)
     dw4 = FABConfig.for_target("dw4")
-    assert (dw4.n_intermediate, dw4.transition, dw4.n_inner, dw4.flow) == (2, "hmc", 5, "egnn_cnf")
-    assert FABConfig.for_target("lj13").n_intermediate == 8
+    assert (dw4.n_intermediate, dw4.transition, dw4.n_inner, dw4.flow) == (2, "hmc", 5, "eacf")
+    # the published EACF FAB settings (dw4_fab.yaml, fab/default.yaml, flow/default.yaml, the lr schedule)
+    assert (dw4.eacf_blocks, dw4.eacf_egnn_layers, dw4.eacf_hidden, dw4.eacf_features, dw4.spline_bins) == (
+        12, 3, 64, 128, 8)
+    assert (dw4.batch_size, dw4.buffer_max, dw4.buffer_min, dw4.n_updates_per_ais) == (128, 65_536, 8_192, 8)
+    assert (dw4.lr_init, dw4.lr, dw4.lr_end, dw4.lr_warmup_steps, dw4.lr_total_steps) == (
+        2e-5, 2e-4, 2e-5, 240, 160_000)
+    assert (dw4.grad_clip_mode, dw4.dyn_clip_factor, dw4.dyn_skip_factor, dw4.dyn_window) == (
+        "dynamic", 2.0, 10.0, 100)
+    assert (dw4.aux_loss_weight, dw4.aug_scale, dw4.marginal_k, dw4.base_scale) == (0.0, 0.1, 20, 1.0)
+    lj13 = FABConfig.for_target("lj13")
+    assert (lj13.n_intermediate, lj13.batch_size, lj13.aux_loss_weight, lj13.lr_total_steps) == (
+        8, 1024, 1.0, 112_000)
+    for t in ("dw4", "lj13", "lj55"):
+        assert FABConfig.for_target(t, **FABConfig.variant("cnf", t)).flow == "cnf"
+        assert FABConfig.variant("published", t) == {"step_adapt_factor": 1.02}
+    assert methods.get("fab@cnf") is FAB and "fab@published" in methods.variants()
 
 
 def test_bad_configs_are_rejected() -> None:
@@ -73,15 +92,21 @@ def test_bad_configs_are_rejected() -> None:
         FABConfig(n_intermediate=0)
     with pytest.raises(ValueError, match="buffer_min"):
         FABConfig(buffer_min=64, batch_size=128)
-    with pytest.raises(ValueError, match="egnn_cnf"):
+    with pytest.raises(ValueError, match="eacf"):
         _make("dw4", flow="realnvp")
-    with pytest.raises(ValueError, match="realnvp"):
-        _make("gmm40", flow="egnn_cnf")
+    for flow in ("cnf", "eacf"):
+        with pytest.raises(ValueError, match="realnvp"):
+            _make("gmm40", flow=flow)
+    with pytest.raises(ValueError, match="step_adapt_factor"):
+        FABConfig.for_target("dw4", step_adapt_factor=1.0)
 
 
-@pytest.mark.parametrize("target_name", ["gmm40", "dw4", "lj13", "lj55"])
-def test_smoke_cell_end_to_end(target_name: str) -> None:
-    m, ct = _make(target_name)
+@pytest.mark.parametrize(
+    "target_name,variant",
+    [("gmm40", None), ("dw4", None), ("lj13", None), ("lj55", None), ("dw4", "cnf"), ("lj13", "cnf")],
+)
+def test_smoke_cell_end_to_end(target_name: str, variant: str | None) -> None:
+    m, ct = _make(target_name, variant=variant)
     for _ in range(2):
         logs = m.train_step()
         assert math.isfinite(logs["loss"])
@@ -94,9 +119,9 @@ def test_smoke_cell_end_to_end(target_name: str) -> None:
     assert m.parameters_finite()
 
 
-@pytest.mark.parametrize("target_name", ["gmm40", "dw4"])
-def test_energy_evaluations_counted_per_ais_chain(target_name: str) -> None:
-    m, ct = _make(target_name, **_LIGHT.get(target_name, {}))
+@pytest.mark.parametrize("target_name,variant", [("gmm40", None), ("dw4", None), ("dw4", "cnf")])
+def test_energy_evaluations_counted_per_ais_chain(target_name: str, variant: str | None) -> None:
+    m, ct = _make(target_name, variant=variant, **_LIGHT.get(target_name, {}))
     c = m.config
     for _ in range(5):
         m.train_step()
@@ -123,9 +148,9 @@ def _params(m: FAB) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in m.flow.parameters()])
 
 
-@pytest.mark.parametrize("target_name", ["gmm40", "dw4"])
-def test_resume_is_exact(target_name: str) -> None:
-    m, _ = _make(target_name, seed=3, **_LIGHT.get(target_name, {}))
+@pytest.mark.parametrize("target_name,variant", [("gmm40", None), ("dw4", None), ("dw4", "cnf")])
+def test_resume_is_exact(target_name: str, variant: str | None) -> None:
+    m, _ = _make(target_name, seed=3, variant=variant, **_LIGHT.get(target_name, {}))
     for _ in range(3):
         m.train_step()
     buf = io.BytesIO()
@@ -135,7 +160,7 @@ def test_resume_is_exact(target_name: str) -> None:
     expected = _params(m)
     buf.seek(0)
     ck = torch.load(buf, weights_only=True)
-    m2, _ = _make(target_name, seed=99, **_LIGHT.get(target_name, {}))
+    m2, _ = _make(target_name, seed=99, variant=variant, **_LIGHT.get(target_name, {}))
     m2.load_state_dict(ck["method"])
     m2.generator.set_state(ck["rng"])
     for _ in range(3):
