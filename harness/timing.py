@@ -17,7 +17,8 @@ Per target, one table with a row per method:
   level. The level is ``threshold × best`` where ``best`` is the lowest final value (mean over seeds) of any
   method on that target, unless ``--level`` gives it directly. Lower-is-better metrics only;
 - ``speed-up``: the baseline method's time (evaluations) to level divided by this method's: > 1 means this
-  method reaches the level faster than the baseline.
+  method reaches the level faster than the baseline. The ratio is of the means over seeds; the interval in
+  brackets is the range of the ratio over every pair (baseline seed, method seed) that reached the level.
 
 Several seeds: mean ± std (sample std) over the runs with status ``ok``. A time to level averaged over the
 seeds that reached it says ``(k/n)`` when not all did. A method whose runs all diverged is shown from its
@@ -299,6 +300,14 @@ def _ratio(num: float, den: float) -> float:
 EXTERNAL_PREFIX = "external:"
 
 
+def _pair_range(base: Sequence[float], other: Sequence[float]) -> tuple[float, float] | None:
+    """The speed-up's interval over seeds: min and max of base_i / other_j over every pair of runs (baseline
+    seed i, method seed j) that reached the level; None with fewer than two pairs."""
+    r = [_ratio(b, o) for b in base for o in other]
+    r = [x for x in r if _finite(x)]
+    return (min(r), max(r)) if len(r) >= 2 else None
+
+
 def _display_name(kind: str, key: str) -> str:
     if kind == "method" and str(key).startswith(EXTERNAL_PREFIX):
         return str(key)[len(EXTERNAL_PREFIX):] + " (external)"
@@ -455,6 +464,8 @@ def timing_table(
         b = cells.get(baseline) if baseline else None
         c["speedup_wall"] = _ratio(b["ttl_seconds_mean"], c["ttl_seconds_mean"]) if b else float("nan")
         c["speedup_evals"] = _ratio(b["ttl_evals_mean"], c["ttl_evals_mean"]) if b else float("nan")
+        c["speedup_wall_range"] = _pair_range(b["ttl_seconds"], c["ttl_seconds"]) if b else None
+        c["speedup_evals_range"] = _pair_range(b["ttl_evals"], c["ttl_evals"]) if b else None
 
     rows: list[list[str]] = []
     for m in methods_all:
@@ -511,7 +522,8 @@ def timing_table(
                 elif not _finite(c[key]):  # e.g. an external sampler without a (self-reported) cost
                     row.append("—")
                 else:
-                    row.append(f"{c[key]:.2f}×" + mk)
+                    rng = c.get(f"{key}_range")
+                    row.append(f"{c[key]:.2f}×" + mk + (f" [{rng[0]:.2f}, {rng[1]:.2f}]" if rng else ""))
         rows.append(row)
 
     notes = _notes(tr, grid, metric, level, threshold, baseline)

@@ -348,6 +348,15 @@ class NEMConfig(MethodConfig):
             "dw4": dict(
                 batch_size=128, ema_beta=0.8, n_mc=100, hidden=32, sde_steps=100, n_new_per_epoch=256
             ),
+            # LJ: DW-4's cost settings; LJ-55 with K 50, batch 64, a 50-step SDE grid and a 2-layer EGNN
+            # (0.67 s per NEM step measured on LJ-13 with two other jobs per core)
+            "lj13": dict(
+                batch_size=128, ema_beta=0.8, n_mc=100, hidden=32, sde_steps=100, n_new_per_epoch=256
+            ),
+            "lj55": dict(
+                batch_size=64, ema_beta=0.8, n_mc=50, hidden=32, n_layers=2, sde_steps=50, n_new_per_epoch=64,
+                n_init=256,
+            ),
         },
     }
     #: the configurations behind the published numbers (MethodConfig.VARIANTS; docs/reproduction.md)
@@ -379,6 +388,8 @@ class NEMConfig(MethodConfig):
         "cpu": {
             "gmm40": dict(steps=20_000),
             "dw4": dict(steps=10_000),
+            "lj13": dict(steps=3000),
+            "lj55": dict(steps=1000),
         },
         # published: at most 1000 epochs x 100 steps (LJ-55: 2000 epochs), early-stopped on val energy W2
         "paper": {"*": dict(steps=100_000), "lj55": dict(steps=200_000)},
@@ -434,6 +445,9 @@ class BNEMConfig(NEMConfig):
                 NEMConfig.PRESETS["cpu"]["gmm40"], max_score_norm=70.0, bootstrap_start_step=10_000
             ),
             "dw4": dict(NEMConfig.PRESETS["cpu"]["dw4"], bootstrap_start_step=5000),
+            # bootstrapping from half the budget, as on GMM-40 / DW-4; M = 80 % of K
+            "lj13": dict(NEMConfig.PRESETS["cpu"]["lj13"], bootstrap_mc=80, bootstrap_start_step=1500),
+            "lj55": dict(NEMConfig.PRESETS["cpu"]["lj55"], bootstrap_mc=40, bootstrap_start_step=500),
         },
     }
     BUDGETS: ClassVar[dict[str, dict[str, dict[str, Any]]]] = NEMConfig.BUDGETS

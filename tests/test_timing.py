@@ -325,3 +325,19 @@ def test_frame_has_one_row_per_checkpoint_and_run_without_evaluations() -> None:
     df = timing.records_to_frame(recs)
     assert len(df) == 3 + 2 + 2 + 1
     assert isinstance(df, pd.DataFrame) and df[df["method"] == "crash"]["step"].isna().all()
+
+
+def test_speedup_interval_is_the_range_over_seed_pairs() -> None:
+    # baseline reaches the level at 10 s and 20 s (two seeds), "fast" at 2 s and 4 s: pair ratios
+    # 10/2, 10/4, 20/2, 20/4 -> [2.5, 10]; the ratio of the means is 15 / 3 = 5
+    recs = [
+        make_record("dw4", "slow", [(10, 10.0, 1000, 1.0)], replicate=0),
+        make_record("dw4", "slow", [(10, 20.0, 1000, 1.0)], replicate=1),
+        make_record("dw4", "fast", [(10, 2.0, 1000, 1.0)], replicate=0),
+        make_record("dw4", "fast", [(10, 4.0, 1000, 1.0)], replicate=1),
+    ]
+    (t,) = timing.timing_report(timing.records_to_frame(recs), "x_w2", threshold=1.5, baseline="slow")
+    assert t.cells["fast"]["speedup_wall"] == pytest.approx(5.0)
+    assert t.cells["fast"]["speedup_wall_range"] == pytest.approx((2.5, 10.0))
+    assert row_of(t, "fast")["speed-up vs slow (wall)"] == "5.00× [2.50, 10.00]"
+    assert row_of(t, "fast")["speed-up vs slow (evals)"] == "1.00× [1.00, 1.00]"
