@@ -30,7 +30,9 @@ non-optimal exit raises ``OTNotConvergedError``) or, for equal sizes with unifor
 plan is a permutation, Birkhoff), by scipy's exact assignment solver, which is about twice as fast and needs
 no plan matrix. Both give the same optimum (tested). Measured at 10 000 × 10 000 in 165-D (one core): cost
 matrix 2.5 s CPU, assignment 34.8 s CPU, peak RSS 1.15 GB (the 0.8 GB cost matrix + working set); POT's
-network simplex 78.8 s CPU and 4.1 GB peak, so "auto" never sends a square uniform problem to it.
+network simplex 78.8 s CPU and 4.1 GB peak, so "auto" sends square uniform problems from 16 dimensions on
+to the assignment solver; below that (GMM-40's 2-D clouds) the network simplex is the faster
+(``ASSIGNMENT_MIN_DIM``).
 
 Robustness: non-finite generated samples give NaN metrics and ``n_nonfinite`` > 0, never an exception.
 All values in the returned dict are plain floats (counts included), ready for a run record.
@@ -80,6 +82,11 @@ __all__ = [
 
 #: POT's default cap (100 000) stops early at a few thousand points in high dimension; ours
 NUM_ITER_MAX = 10**9
+#: "auto" sends a square uniform OT problem to the assignment solver only from this dimension on. Measured
+#: on the reference splits, one core, two other jobs: GMM-40 (2-D) at 2500 × 2500 network simplex 4.4 s vs
+#: assignment 10.2 s (5000: simplex 25 s); DW-4 (8-D) at 5000: 19.4 s vs 18.7 s; 165-D at 10 000: the
+#: assignment solver twice as fast (module docstring)
+ASSIGNMENT_MIN_DIM = 16
 
 
 class OTNotConvergedError(RuntimeError):
@@ -214,12 +221,14 @@ def sq_euclidean_cost(x: Any, y: Any, chunk: int = 1024) -> np.ndarray:
 
 
 def emd_cost(M: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None,
-             solver: str = "auto") -> float:
+             solver: str = "auto", dim: int | None = None) -> float:
     """Exact OT cost Σ π_ij M_ij for the optimal plan between weights a [N] and b [M] (uniform if None).
 
     ``solver``: "emd" (POT network simplex, cap ``NUM_ITER_MAX``; raises ``OTNotConvergedError`` unless
     optimal), "assignment" (scipy ``linear_sum_assignment``; needs N == M and uniform weights), or "auto"
-    (assignment when it applies, else emd)."""
+    (assignment when it applies and the points' dimension ``dim`` is unknown or at least
+    ``ASSIGNMENT_MIN_DIM``, else emd: on low-dimensional, multimodal clouds the assignment solver is the
+    slower one)."""
     if solver not in ("auto", "emd", "assignment"):
         raise ValueError(f"unknown OT solver {solver!r}; valid: auto, emd, assignment")
     M = np.ascontiguousarray(M, dtype=np.float64)
@@ -231,7 +240,8 @@ def emd_cost(M: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = 
         raise ValueError("solver 'assignment' needs equal sizes and uniform weights")
     if not np.isfinite(M).all():
         raise ValueError("OT cost matrix contains NaN or inf")
-    if solver == "assignment" or (solver == "auto" and square_uniform):
+    if solver == "assignment" or (solver == "auto" and square_uniform
+                                  and (dim is None or dim >= ASSIGNMENT_MIN_DIM)):
         r, c = linear_sum_assignment(M)
         return float(M[r, c].sum() / n)
     a = np.full(n, 1.0 / n) if a is None else np.asarray(a, dtype=np.float64)
@@ -253,7 +263,7 @@ def emd_cost(M: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = 
 
 def w2(x: Any, y: Any, solver: str = "auto") -> float:
     """True 2-Wasserstein distance between the uniform empirical measures of x [N, D] and y [M, D]."""
-    return math.sqrt(max(emd_cost(sq_euclidean_cost(x, y), solver=solver), 0.0))
+    return math.sqrt(max(emd_cost(sq_euclidean_cost(x, y), solver=solver, dim=np.shape(x)[-1]), 0.0))
 
 
 def w2_squared_1d(u: Any, v: Any) -> float:
@@ -609,7 +619,8 @@ def _bnem_metrics(g: _Data, refs: dict[str, _Data], target: Any, opts: dict) -> 
                                solver=opts["solver"] if gx.shape[0] == r.x.shape[0] else "emd")
     else:
         M = np.sqrt(sq_euclidean_cost(r.x, gx))
-        out["x_w2"] = emd_cost(M, solver=opts["solver"] if gx.shape[0] == r.x.shape[0] else "emd")
+        out["x_w2"] = emd_cost(M, solver=opts["solver"] if gx.shape[0] == r.x.shape[0] else "emd",
+                               dim=gx.shape[1])
     out["e_w2"] = w2_squared_1d(r.e, g.e)
     if _is_particle(target):
         out["tv"] = hist_tv_1d(g.d, r.d, bins=200)
@@ -669,7 +680,7 @@ class _Boltz:
         solver = self.opts["solver"]
         if "x_w2" in which:
             M = self.M if ig is None else self.M[np.ix_(ig, ir)]
-            out["x_w2"] = math.sqrt(max(emd_cost(M, solver=solver), 0.0))
+            out["x_w2"] = math.sqrt(max(emd_cost(M, solver=solver, dim=self.g.x.shape[1]), 0.0))
         if "x_w2_aligned" in which and self.Ma is not None:
             Ma = self.Ma if ia is None else self.Ma[np.ix_(ia[0], ia[1])]
             out["x_w2_aligned"] = math.sqrt(max(emd_cost(Ma, solver=solver), 0.0))

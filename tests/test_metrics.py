@@ -378,3 +378,16 @@ def test_missing_val_split_falls_back_to_test_and_flags_it(monkeypatch):
     assert r["val_fallback"] == 1.0
     assert math.isnan(r["x_w2_floor"])
     assert r["e_w2"] == pytest.approx(0.0, abs=1e-12)  # computed against the test split instead
+
+
+def test_auto_solver_picks_by_dimension_and_gives_the_same_optimum(monkeypatch):
+    rng = _rng(3)
+    calls = []
+    real = M.linear_sum_assignment
+    monkeypatch.setattr(M, "linear_sum_assignment", lambda C: calls.append(C.shape) or real(C))
+    for d, assignment in ((2, False), (M.ASSIGNMENT_MIN_DIM, True)):
+        x, y = rng.standard_normal((200, d)), rng.standard_normal((200, d)) + 0.3
+        calls.clear()
+        auto = M.w2(x, y)
+        assert bool(calls) is assignment  # low dimension: network simplex; high: assignment
+        assert auto == pytest.approx(math.sqrt(M.emd_cost(M.sq_euclidean_cost(x, y), solver="emd")), rel=1e-10)
