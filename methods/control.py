@@ -33,7 +33,7 @@ NN₁ the shared ``TimeMLP`` (GMM) or ``EGNN`` (particles), last layer zero-init
 (no second derivatives of E); the terminal cost back-propagates through ``energy_and_grad`` with a custom
 autograd function, so every target evaluation is counted once (energy + gradient).
 
-Options for reproducing BNEM's DDS (``dds@bnem``, docs/pis_dds.md): ``vp_coefficients`` (its
+Options for reproducing BNEM's DDS (``dds@bnem``, docs/pis_dds.md): ``ou_coefficients`` (its
 variance-preserving step; a noise level σ other than the prior's makes the reference non-stationary:
 ``ref_var`` is then its terminal variance and the loss's terminal Gaussian keeps the prior,
 ``ChainCoefficients.loss_ref_var``), ``running_cost="norm"`` (its unsquared-norm running cost, loss only:
@@ -314,25 +314,30 @@ def bnem_alphas(schedule: Literal["bnem_cosine", "geometric"], n_steps: int, sig
     raise ValueError(f"BNEM DDS schedule must be 'bnem_cosine' or 'geometric', got {schedule!r}")
 
 
-def vp_coefficients(alphas: Tensor, noise_std: float, prior_std: float) -> ChainCoefficients:
-    """The variance-preserving step of BNEM's DDS (``integrate_sde(var_preserve=True)``)::
+def ou_coefficients(steps: Tensor, noise_std: float, prior_std: float,
+                    integrator: Literal["exponential", "var_preserve"] = "var_preserve") -> ChainCoefficients:
+    """A DDS chain for the OU reference stationary at N(0, σ²) (σ = ``noise_std``) with per-step rates
+    ``steps`` = α_k (or β_k²) [K]::
 
-        y_{k+1} = sqrt(1 − α_k) y_k + 2σ² λ_k u_k + σ sqrt(α_k) ε_k,   λ_k = 1 − sqrt(1 − α_k)
+        "var_preserve":  y_{k+1} = sqrt(1 − α_k) y_k + 2σ² λ_k u_k + σ sqrt(α_k) ε_k,  λ_k = 1 − sqrt(1 − α_k)
+        "exponential":   y_{k+1} = sqrt(1 − α_k) y_k + α_k σ² u_k + σ sqrt(α_k) ε_k
 
-    (σ = ``noise_std``, BNEM's ``sigma_max``; the exact exponential integrator of Vargas et al. for an OU
-    reference stationary at N(0, σ²)). λ_k is computed as α_k / (1 + sqrt(1 − α_k)), the same number without
-    the cancellation. y_0 ~ N(0, prior_std²); when prior_std ≠ σ the reference chain is not stationary:
-    ``ref_var`` is its terminal variance and ``loss_ref_var`` = prior_std² (BNEM's terminal cost uses its
-    prior's log-density)."""
+    "var_preserve" is BNEM's ``integrate_sde(var_preserve=True)`` (its σ = ``sigma_max``; Vargas et al.'s
+    exact exponential integrator), λ_k computed as α_k / (1 + sqrt(1 − α_k)), the same number without the
+    cancellation; "exponential" its first-order form, our default DDS step (``dds_coefficients``). y_0 ~
+    N(0, prior_std²); when prior_std ≠ σ the reference is not stationary: ``ref_var`` is its terminal variance
+    and ``loss_ref_var`` = prior_std² (BNEM's terminal cost uses its prior's log-density)."""
     if not (noise_std > 0 and prior_std > 0):
         raise ValueError(f"need noise_std > 0 and prior_std > 0, got {noise_std}, {prior_std}")
-    al = alphas.to(torch.float64)
+    if integrator not in ("exponential", "var_preserve"):
+        raise ValueError(f"integrator must be 'exponential' or 'var_preserve', got {integrator!r}")
+    al = steps.to(torch.float64)
     if al.ndim != 1 or not bool(((al > 0) & (al <= 1)).all()):
-        raise ValueError("variance-preserving rates α_k must be a [K] tensor with every 0 < α_k <= 1")
+        raise ValueError("OU step rates α_k must be a [K] tensor with every 0 < α_k <= 1")
     K = al.shape[0]
     root = (1 - al).sqrt()
-    lam = al / (1 + root)
-    a, c, s = root, 2 * noise_std**2 * lam, noise_std * al.sqrt()
+    c = 2 * noise_std**2 * al / (1 + root) if integrator == "var_preserve" else al * noise_std**2
+    a, s = root, noise_std * al.sqrt()
     if noise_std == prior_std:
         ref_var, loss_var = noise_std**2, None  # stationary: (1 − α)σ² + σ²α = σ²
     else:

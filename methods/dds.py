@@ -31,8 +31,7 @@ from methods.control import (
     bnem_alphas,
     dds_betas_sq,
     dds_coefficients,
-    terminal_variance,
-    vp_coefficients,
+    ou_coefficients,
 )
 from methods.registry import METHODS
 
@@ -124,8 +123,6 @@ class DDS(ControlledDiffusionSampler):
         if c.schedule not in ("cos4", "bnem_cosine", "geometric"):
             raise ValueError(f"dds: schedule must be 'cos4', 'bnem_cosine' or 'geometric', "
                              f"got {c.schedule!r}")
-        if c.integrator not in ("exponential", "var_preserve"):
-            raise ValueError(f"dds: integrator must be 'exponential' or 'var_preserve', got {c.integrator!r}")
         sigma = c.prior_std if c.sigma_max is None else c.sigma_max
         if c.schedule == "cos4" and c.integrator == "exponential" and sigma == c.prior_std:
             return dds_coefficients(c.n_steps, c.prior_std, c.noise_total)  # the default chain
@@ -136,28 +133,10 @@ class DDS(ControlledDiffusionSampler):
                 raise ValueError(f"dds: the geometric schedule needs sigma_min < sigma_max (or prior_std), "
                                  f"got {c.sigma_min} and {sigma}")
             steps = bnem_alphas(c.schedule, c.n_steps, c.sigma_min, sigma)
-        if c.integrator == "var_preserve":
-            return vp_coefficients(steps, sigma, c.prior_std)
-        return exponential_coefficients(steps, sigma, c.prior_std)
+        return ou_coefficients(steps, sigma, c.prior_std, c.integrator)
 
     def initial_states(self, n: int) -> Tensor:
         y = torch.randn(n, self.target.dim, generator=self.generator, dtype=self.dtype, device=self.device)
         y = self.config.prior_std * y
         return self.work.center(y) if self.work.is_particle else y
 
-
-def exponential_coefficients(betas_sq: Tensor, noise_std: float, prior_std: float) -> ChainCoefficients:
-    """Our DDS step (a = sqrt(1 − β²), c = β²σ², s = σβ) for any step sizes β_k² [K] and a noise level σ that
-    may differ from the prior's (then ``ref_var`` is the chain's terminal variance and the loss's terminal
-    cost keeps N(0, prior_std²), as ``methods.control.vp_coefficients``)."""
-    b2 = betas_sq.to(torch.float64)
-    if b2.ndim != 1 or not bool(((b2 > 0) & (b2 <= 1)).all()):
-        raise ValueError("DDS step sizes β_k² must be a [K] tensor with every 0 < β_k² <= 1")
-    K = b2.shape[0]
-    a, c, s = (1 - b2).sqrt(), b2 * noise_std**2, b2.sqrt() * noise_std
-    if noise_std == prior_std:
-        ref_var, loss_var = noise_std**2, None
-    else:
-        ref_var, loss_var = terminal_variance(a, s, prior_std**2), prior_std**2
-    return ChainCoefficients(a=a, c=c, s=s, times=torch.arange(K, dtype=torch.float64) / K, ref_var=ref_var,
-                             loss_ref_var=loss_var)

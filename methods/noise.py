@@ -6,7 +6,7 @@ h(t) = ∫_0^t g² = σ_min² (σ_d^{2t} − 1)  (variance of x_t | x_0), σ(t) 
 Note h(0) = 0 and sqrt(h(1)) = sqrt(σ_max² − σ_min²) ≈ σ_max (the prior scale).
 
 Per-step variance-preserving rates α(t, dt) ∈ (0, 1] of BNEM's DDS baseline (its ``noise_schedule.a(t, dt)``,
-used by the ``var_preserve`` integrator, ``methods.control.vp_coefficients``):
+used by the ``var_preserve`` integrator, ``methods.control.ou_coefficients``):
 ``GeometricNoiseSchedule.alpha`` = 1 − exp(−2 ∫_{t−dt}^{t} g) (t clamped to ≥ dt), the exact one-step variance
 fraction of an OU process dY = −g(t) Y dt + σ sqrt(2 g(t)) dW whose *rate* is DEM's diffusion coefficient g;
 ``cosine_alpha`` = dt · cos⁴(π/2 · (1 − t + s)/(1 + s)) (BNEM's ``DDSNoiseSchedule``).
