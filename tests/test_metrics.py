@@ -390,4 +390,5 @@ def test_auto_solver_picks_by_dimension_and_gives_the_same_optimum(monkeypatch):
         calls.clear()
         auto = M.w2(x, y)
         assert bool(calls) is assignment  # low dimension: network simplex; high: assignment
-        assert auto == pytest.approx(math.sqrt(M.emd_cost(M.sq_euclidean_cost(x, y), solver="emd")), rel=1e-10)
+        exact = math.sqrt(M.emd_cost(M.sq_euclidean_cost(x, y), solver="emd"))
+        assert auto == pytest.approx(exact, rel=1e-10)
