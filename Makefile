@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 # main job on the embedded default: local executor, the smoke grid, then the tables
 smoke: setup
 	$(PY) -m harness.run --grid smoke --executor local --results $(RESULTS)
-	$(PY) -m harness.tables --results $(RESULTS) --grid smoke
+	$(PY) -m harness.tables --results $(RESULTS) --grid smoke --out results/local/tables --figures results/local/figures
 
 run: setup
 	$(PY) -m harness.run --grid $(GRID) --results $(RESULTS)
