@@ -58,35 +58,76 @@ def mc_score_estimate(
     n_samples: int,
     generator: torch.Generator | None = None,
     chunk_rows: int = 131_072,
+    sub_rows: int = 8192,
+    planar: bool = False,
 ) -> Tensor:
     """S_K(x_t, t) = −Σ_k softmax_k(−E(y_k)) ∇E(y_k), y_k = x_t + σ ε_k: x_t [B, D], σ [B] -> [B, D].
 
-    ``energy_and_grad`` maps [N, D] -> (E [N], ∇E [N, D]); it is called on at most ``chunk_rows`` rows at once
-    (≥ K). Exactly B·K configurations are evaluated.
+    The noise ε [rows, K, D] is drawn per block of ``chunk_rows`` // K rows (this fixes the random stream);
+    within a block, rows are processed ``sub_rows`` // K at a time (at least one row): perturbation, one
+    ``energy_and_grad`` call and the weighted sum stay in cache. ``energy_and_grad`` maps [N, D] -> (E [N],
+    ∇E [N, D]); with ``planar`` it is handed y as a transposed view of contiguous coordinate planes [D, N]
+    (the layout of the DW-4 and GMM-40 kernels, ``Target.planar_kernel``) and may answer in either layout.
+    Exactly B·K configurations are evaluated.
+
+    Perturbations with a non-finite energy or gradient get weight 0 (a row whose K perturbations are all
+    non-finite gets score 0). On a CPU the weighted sum is formed first and that masked form is used only for
+    a sub-block whose energies or sum are not finite (a non-finite gradient always makes the sum non-finite);
+    elsewhere the masked form is used throughout.
     """
     if x_t.ndim != 2:
         raise ValueError(f"x_t must be [batch, dim], got {list(x_t.shape)}")
     if n_samples < 1:
         raise ValueError(f"n_samples (K) must be >= 1, got {n_samples}")
     B, D = x_t.shape
+    K = n_samples
     sigma = sigma.to(x_t.dtype).reshape(-1)
     if sigma.shape[0] != B:
         raise ValueError(f"sigma must have shape [{B}], got {list(sigma.shape)}")
-    rows = max(1, chunk_rows // n_samples)
+    rows = max(1, chunk_rows // K)
+    fast = x_t.device.type == "cpu"  # the fast path branches on a finiteness check: a sync elsewhere
+    srows = max(1, sub_rows // K) if fast else rows
     out = torch.empty_like(x_t)
     for i in range(0, B, rows):
-        xb, sb = x_t[i : i + rows], sigma[i : i + rows]
-        b = xb.shape[0]
-        eps = torch.randn(b, n_samples, D, generator=generator, dtype=x_t.dtype, device=x_t.device)
-        y = xb.unsqueeze(1) + sb.reshape(b, 1, 1) * eps
-        e, g = energy_and_grad(y.reshape(b * n_samples, D))
-        e, g = e.reshape(b, n_samples), g.reshape(b, n_samples, D)
-        ok = torch.isfinite(e) & torch.isfinite(g).all(-1)
-        logw = torch.where(ok, -e, torch.full_like(e, -torch.inf))
-        w = torch.softmax(logw, dim=1).nan_to_num(0.0)  # all K non-finite: zero score
-        g = torch.where(ok.unsqueeze(-1), g, torch.zeros_like(g))
-        out[i : i + b] = -torch.bmm(w.unsqueeze(1), g).squeeze(1)
+        b = min(rows, B - i)
+        eps = torch.randn(b, K, D, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        for j in range(0, b, srows):
+            c = min(srows, b - j)
+            r = slice(i + j, i + j + c)
+            xs, ss, es = x_t[r], sigma[r].reshape(c, 1, 1), eps[j : j + c]
+            if planar:
+                yt = x_t.new_empty(D, c, K)
+                torch.addcmul(xs.t().unsqueeze(-1), ss.reshape(1, c, 1), es.permute(2, 0, 1), out=yt)
+                y = yt.view(D, c * K).t()
+            else:
+                y = torch.addcmul(xs.unsqueeze(1), ss, es).view(c * K, D)
+            e, g = energy_and_grad(y)
+            e, g = e.view(c, K), g.reshape(c, K, D)
+            # a sum is finite only if every term is: one reduction each decides the fast path
+            if fast and bool(e.sum().isfinite()):
+                s = _weighted_sum(torch.softmax(e.neg(), dim=1), g)
+                if bool(s.sum().isfinite()):
+                    out[r] = s.neg_()
+                    continue
+            out[r] = _masked_score(e, g)
     return out
+
+
+def _weighted_sum(w: Tensor, g: Tensor) -> Tensor:
+    """Σ_k w[c, k] g[c, k, :] -> [c, D], for g row-major or a view of coordinate planes [D, c, K]."""
+    gp = g.permute(2, 0, 1)
+    if gp.is_contiguous():  # planes: a multiply and a reduction over the contiguous K axis
+        return (gp * w).sum(-1).t()
+    return torch.bmm(w.unsqueeze(1), g).squeeze(1)
+
+
+def _masked_score(e: Tensor, g: Tensor) -> Tensor:
+    """−Σ_k softmax_k(−e) g_k over the perturbations with finite energy and gradient: [c, K], [c, K, D]."""
+    ok = torch.isfinite(e) & torch.isfinite(g).all(-1)
+    logw = torch.where(ok, -e, torch.full_like(e, -torch.inf))
+    w = torch.softmax(logw, dim=1).nan_to_num(0.0)  # all K non-finite: zero score
+    g = torch.where(ok.unsqueeze(-1), g, torch.zeros_like(g))
+    return -torch.bmm(w.unsqueeze(1), g.contiguous()).squeeze(1)
 
 
 def clip_score(s: Tensor, max_norm: float, spatial_dim: int | None = None) -> Tensor:
@@ -402,6 +443,8 @@ class IDEM(Method):
             n_samples or c.num_mc_samples,
             self.generator,
             c.estimator_chunk_rows,
+            int(getattr(self.target, "kernel_chunk", 8192)),
+            bool(getattr(self.target, "planar_kernel", False)),
         )
         spatial = self.target.spatial_dim if (self.particles and c.clip_per_particle) else None
         return clip_score(s, c.max_score_norm, spatial)

@@ -20,6 +20,15 @@ import torch
 from torch import Tensor
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Whether a non-empty floating tensor has no NaN or inf: one min/max pass (NaN propagates through
+    ``aminmax``), several times cheaper than ``isfinite(x).all()`` on the hot path of every energy call."""
+    if not x.is_contiguous() and x.ndim == 2 and x.t().is_contiguous():
+        x = x.t()  # coordinate planes: reduce in memory order (a strided reduction is ~10x slower)
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 class NonFiniteInputError(ValueError):
     """An energy was asked for at a configuration containing NaN or inf (a diverged sampler)."""
 
@@ -51,7 +60,7 @@ class Target(ABC):
             )
         if not x.is_floating_point():
             raise ValueError(f"{self.name}: expected a floating-point tensor, got dtype {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
+        if x.numel() and not _all_finite(x):
             raise NonFiniteInputError(f"{self.name}: input contains NaN or inf")
         return x
 

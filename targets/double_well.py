@@ -17,6 +17,37 @@ from targets.registry import TARGETS
 A, B, OFFSET = 0.9, -4.0, 4.0
 
 
+def _dw4_planes(xt: Tensor, with_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """E [N] and ∇E as planes [8, N] (None without ``with_grad``) from coordinate planes xt [8, N]
+    (contiguous; row 2i + k = x_i,k).
+
+    Pairs in the order 01, 02, 03, 12, 13, 23; per pair φ(d) = A u⁴ + B u², u = d − 4, and the force on i is
+    (φ'(d)/d)(x_i − x_j) = (4 A u² + 2 B) u / d · (x_i − x_j) (the pair-slice formulation, reassociated).
+    """
+    n = xt.shape[1]
+    p = xt.view(4, 2, n)
+    diff = xt.new_empty(6, 2, n)  # x_i − x_j per pair
+    torch.sub(p[0:1], p[1:4], out=diff[0:3])
+    torch.sub(p[1:2], p[2:4], out=diff[3:5])
+    torch.sub(p[2:3], p[3:4], out=diff[5:6])
+    sq = diff.square()
+    d = torch.add(sq[:, 0], sq[:, 1]).sqrt_()  # [6, N]
+    u = d - OFFSET
+    u2 = u * u
+    e = (u2 * A).add_(B).mul_(u2).sum(0)
+    if not with_grad:
+        return e, None
+    f = (u2 * (4 * A)).add_(2 * B).mul_(u).div_(d.clamp_min_(torch.finfo(xt.dtype).tiny))
+    fd = diff.mul_(f.unsqueeze(1))  # [6, 2, N]: force of pair (i, j) on i (minus it on j)
+    g = xt.new_empty(4, 2, n)
+    torch.add(fd[0], fd[1], out=g[0]).add_(fd[2])
+    torch.sub(fd[3], fd[0], out=g[1]).add_(fd[4])
+    torch.add(fd[1], fd[3], out=g[2])
+    torch.sub(fd[5], g[2], out=g[2])
+    torch.add(fd[2], fd[4], out=g[3]).add_(fd[5]).neg_()
+    return e, g.view(8, n)
+
+
 @TARGETS.register("dw4")
 class DoubleWell4(ParticleTarget):
     name = "dw4"
@@ -27,29 +58,39 @@ class DoubleWell4(ParticleTarget):
     splits = ("test", "val", "train")
 
     def _energy(self, x: Tensor) -> Tensor:
+        if not (x.requires_grad and torch.is_grad_enabled()):  # the kernel of energy_and_grad: same bits
+            with torch.no_grad():
+                return torch.cat([_dw4_planes(c.t().contiguous(), with_grad=False)[0]
+                                  for c in x.split(self.kernel_chunk)])
         d = self.pair_vectors(x).norm(dim=-1)
         u = d - OFFSET
         return (A * u**4 + B * u**2).sum(-1)
 
+    #: the estimator may hand ``_energy_and_grad`` coordinate planes (see ``_energy_and_grad``)
+    planar_kernel = True
+    #: configurations per kernel call that keep its work arrays in a 1-2 MiB cache
+    kernel_chunk = 8192
+
     def _energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # An explicit loop over the 6 pairs on [B, 2] slices: ~2.5x faster on the CPU than gathering
-        # [B, 6, 2] pair vectors and scattering the forces with index_add_ (measured at B = 512k).
+        """(E [N], ∇E [N, 8]) in closed form, on coordinate planes [8, N]: every op runs over contiguous
+        [6, 2, N] pair planes (about 30 ops per call instead of ~80 strided ones), in cache-sized chunks.
+
+        The gradient has the layout of ``x``: a planar view (``x.t()`` contiguous, as the iDEM estimator
+        passes it) gives a planar view back without any transpose; row-major input gives row-major output.
+        """
         x = x.detach()
-        p = x.view(x.shape[0], 4, 2).unbind(1)
-        tiny = torch.finfo(x.dtype).tiny
-        e = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        g = [torch.zeros_like(p[0]) for _ in range(4)]
-        for i in range(4):
-            for j in range(i + 1, 4):
-                diff = p[i] - p[j]
-                d = diff.norm(dim=-1)
-                u = d - OFFSET
-                u2 = u * u
-                e = e + (A * u2 + B) * u2
-                f = ((4 * A * u2 + 2 * B) * u / d.clamp_min(tiny)).unsqueeze(-1) * diff  # (dφ/dd)/d · diff
-                g[i] = g[i] + f
-                g[j] = g[j] - f
-        return e, torch.stack(g, 1).reshape(x.shape)
+        n = x.shape[0]
+        if n > 1 and x.t().is_contiguous():
+            e, gt = _dw4_planes(x.t())
+            return e, gt.t()
+        e = x.new_empty(n)
+        g = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for i in range(0, n, self.kernel_chunk):
+            j = min(n, i + self.kernel_chunk)
+            ec, gt = _dw4_planes(x[i:j].t().contiguous())
+            e[i:j] = ec
+            g[i:j] = gt.t()
+        return e, g
 
     def _laplacian(self, x: Tensor) -> Tensor:
         """ΔE [B]: per pair, Δ over both particles = 2 (φ''(d) + (D − 1) φ'(d) / d)."""
