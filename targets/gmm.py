@@ -69,8 +69,9 @@ class GMM40(Target):
 
     #: the estimator may hand ``_energy_and_grad`` coordinate planes (see ``_energy_and_grad``)
     planar_kernel = True
-    #: configurations per kernel call: the [40, N] work arrays stay around 0.3 MiB (cache-resident)
-    kernel_chunk = 2048
+    #: configurations per kernel call (and per iDEM estimator sub-block): [40, N] work planes of 0.6 MiB; the
+    #: fastest of 1k-16k on the 2-core Zen 5 VM (docs/timing.md)
+    kernel_chunk = 4096
 
     def _energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(E [N], ∇E [N, 2]) on coordinate planes [2, N] with the components along the outer axis (reductions
