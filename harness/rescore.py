@@ -1,6 +1,6 @@
 """Re-score the saved samples of existing run records without retraining: ``python -m harness.rescore``.
 
-    python -m harness.rescore --results DIR [--protocol idem|bnem|boltzbench|all ...] [--grid NAME]
+    python -m harness.rescore --results DIR [--protocol idem|bnem|boltzbench|asbs|all ...] [--grid NAME]
                               [--dry-run]
 
 For every ``record.json`` under ``DIR`` (optionally one grid), each evaluation whose samples are saved beside

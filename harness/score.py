@@ -1,6 +1,6 @@
 """Score any sampler's saved samples exactly as the benchmark scores its runs: ``python -m harness.score``.
 
-    python -m harness.score FILE [FILE ...] --target NAME [--protocol idem|bnem|boltzbench|all] [--json]
+    python -m harness.score FILE [FILE ...] --target NAME [--protocol idem|bnem|boltzbench|asbs|all] [--json]
                             [--key NAME] [--n N] [--drop-nonfinite] [--grid NAME]
                             [--add-to RESULTS --name LABEL [--replicate R] [--force]
                              [--energy-evals N] [--train-seconds S]]
