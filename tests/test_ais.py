@@ -14,6 +14,7 @@ from methods.ais import (
     AnnealedImportanceSampler,
     Metropolis,
     _Evaluator,
+    adapt_step,
     alpha_div_loss,
     beta_schedule,
     intermediate_coefficients,
@@ -146,6 +147,19 @@ def test_hmc_step_size_adapts_towards_target_acceptance() -> None:
     assert float(hmc.step_sizes[0]) < 3.0
     assert rates[0] < 0.3  # far too large a step at first
     assert 0.5 < sum(rates[-30:]) / 30 < 0.8  # oscillates around 0.65 after adaptation
+
+
+def test_multiplicative_step_rule_of_fab_jax() -> None:
+    # fab-jax (and the variant fab@published): ×/÷ f per pass, whatever the size of the miss
+    assert adapt_step(1.0, 0.9, 0.65, 1.02) == pytest.approx(1.02)
+    assert adapt_step(1.0, 0.0, 0.65, 1.02) == pytest.approx(1 / 1.02)
+    assert adapt_step(1.0, 0.9, 0.65) == pytest.approx(math.exp(0.25))  # default rule
+    hmc = HMC(1, step_size=1.0, n_leapfrog=2, adapt=True, adapt_factor=1.02)
+    ais = AnnealedImportanceSampler(_identity_flow(2, 0.5), Gaussian(2, std=0.5), hmc, 1, 2.0)
+    ais.run(64, torch.Generator().manual_seed(0))
+    assert float(hmc.step_sizes[0]) in (pytest.approx(1.02), pytest.approx(1 / 1.02))
+    with pytest.raises(ValueError, match="adapt_factor"):
+        HMC(1, adapt_factor=1.0)
 
 
 def test_non_finite_chains_get_zero_weight() -> None:
