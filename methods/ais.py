@@ -125,6 +125,18 @@ class Metropolis:
 
     ``adapt``: after every pass, the step size moves towards ``target_accept`` (``adapt_step``, with
     ``adapt_factor`` as HMC's; the published GMM setting does not adapt).
+
+    Options of the fab-torch ``Metropolis`` operator as BNEM's FAB runs it (``fab@bnem``, docs/fab.md):
+    - ``min_step_size``: a ladder of step sizes within each transition: update k of n uses its own step,
+      initially linspace(``step_size``, ``min_step_size``, n_steps)[k] (the same ladder for every
+      intermediate density). Each update is still an exact Metropolis step for π_β.
+    - ``adapt_per_update``: adapt each (intermediate, update) step size right after its update, from the
+      batch mean of min(1, π(y)/π(x)) (the acceptance *probability*, not the realised rate), by
+      ``adapt_step`` (fab-torch: ×/÷ 1.05 towards 0.65).
+    - ``max_log_ratio``: reject every proposal whose log π ratio exceeds it. fab-torch computes the ratio as
+      exp(Δ) and maps +inf to 0, so in float32 any proposal with Δ > log(float32 max) ≈ 88.72 is rejected.
+      This breaks detailed balance for such moves (the reverse move is allowed), so the kernel is only
+      π-invariant where no move has Δ above the threshold; it is there to reproduce the published runs.
     """
 
     needs_grad = False
@@ -137,15 +149,31 @@ class Metropolis:
         adapt: bool = False,
         target_accept: float = 0.65,
         adapt_factor: float | None = None,
+        min_step_size: float | None = None,
+        adapt_per_update: bool = False,
+        max_log_ratio: float | None = None,
     ) -> None:
         if step_size <= 0 or n_steps < 1:
             raise ValueError(f"Metropolis needs step_size > 0 and n_steps >= 1, got {step_size}, {n_steps}")
+        if min_step_size is not None and not min_step_size > 0:
+            raise ValueError(f"Metropolis min_step_size must be > 0 (or None), got {min_step_size}")
+        if adapt_factor is not None and not adapt_factor > 1:
+            raise ValueError(f"Metropolis adapt_factor must be > 1 (or None), got {adapt_factor}")
         self.n_steps = n_steps
         self.adapt = adapt
         self.adapt_factor = adapt_factor
         self.target_accept = target_accept
-        self.step_sizes = torch.full((max(n_intermediate, 1),), float(step_size), dtype=torch.float64)
-        self.last_accept = torch.zeros_like(self.step_sizes)
+        self.adapt_per_update = adapt_per_update
+        self.max_log_ratio = max_log_ratio
+        n = max(n_intermediate, 1)
+        if min_step_size is None:
+            #: [n_int]: one step size per intermediate density
+            self.step_sizes = torch.full((n,), float(step_size), dtype=torch.float64)
+        else:
+            #: [n_int, n_steps]: one step size per intermediate density and update (the fab-torch ladder)
+            ladder = torch.linspace(float(step_size), float(min_step_size), n_steps, dtype=torch.float64)
+            self.step_sizes = ladder.repeat(n, 1)
+        self.last_accept = torch.zeros(n, dtype=torch.float64)
 
     @property
     def evals_per_transition(self) -> int:
@@ -161,27 +189,40 @@ class Metropolis:
         gen: torch.Generator,
         project: Callable[[Tensor], Tensor] | None,
     ) -> ChainState:
-        eps = float(self.step_sizes[j])
+        ladder = self.step_sizes.ndim == 2
         acc_total = 0.0
-        for _ in range(self.n_steps):
+        for k in range(self.n_steps):
+            eps = float(self.step_sizes[j, k]) if ladder else float(self.step_sizes[j])
             noise = torch.randn(s.x.shape, generator=gen, dtype=s.x.dtype, device=s.x.device)
             if project is not None:
                 noise = project(noise)
             prop = ev(s.x + eps * noise)
             log_ratio = prop.log_pi(beta, alpha) - s.log_pi(beta, alpha)
+            ok = torch.isfinite(prop.log_p) & ~torch.isnan(log_ratio)
+            if self.max_log_ratio is not None:
+                ok = ok & (log_ratio <= self.max_log_ratio)
             u = torch.rand(s.x.shape[0], generator=gen, dtype=s.x.dtype, device=s.x.device)
-            accept = (torch.log(u) < log_ratio) & torch.isfinite(prop.log_p)
+            accept = (torch.log(u) < log_ratio) & ok
             s = ChainState(
                 _where(accept, prop.x, s.x),
                 torch.where(accept, prop.log_q, s.log_q),
                 torch.where(accept, prop.log_p, s.log_p),
             )
             acc_total += float(accept.double().mean())
+            if self.adapt and self.adapt_per_update:
+                # the batch mean of min(1, π(y)/π(x)); rejected-by-rule proposals count as 0
+                p_acc = torch.where(ok, log_ratio.double().clamp(max=0.0).exp(), torch.zeros_like(log_ratio,
+                                    dtype=torch.float64))
+                idx = (j, k) if ladder else (j,)
+                self.step_sizes[idx] = adapt_step(
+                    float(self.step_sizes[idx]), float(p_acc.mean()), self.target_accept, self.adapt_factor
+                )
         rate = acc_total / self.n_steps
         self.last_accept[j] = rate
-        if self.adapt:
-            eps_j = float(self.step_sizes[j])
-            self.step_sizes[j] = adapt_step(eps_j, rate, self.target_accept, self.adapt_factor)
+        if self.adapt and not self.adapt_per_update:
+            self.step_sizes[j] = self.step_sizes[j] * (
+                adapt_step(1.0, rate, self.target_accept, self.adapt_factor)
+            )
         return s
 
     def state_dict(self) -> dict[str, Any]:

@@ -72,6 +72,28 @@ _EACF_FAB = {
 }
 # the variant fab@cnf: our continuous flow with a constant lr and the fixed gradient-norm clip
 _CNF_VARIANT = {"flow": "cnf", "lr_schedule": "constant", "grad_clip_mode": "fixed"}
+# the variant fab@bnem: FAB as tonyauyeung/BNEM ran it for its poster's FAB rows (dem/models/fab_module.py,
+# components/ffjord.py, ais_fab.py, replay_buffer.py; configs/model/fab.yaml at 6f016c7; fab-torch's
+# Metropolis from jarridrb/fab-torch febeeaa). Per-target parts (GMM-40 / DW-4): VARIANTS["bnem"]; docs/fab.md
+_BNEM_FAB = {
+    # FFJORD: Hutchinson trace, log q over torch.linspace(0, 1, 25) = 24 RK4 steps; the AIS's flow draws
+    # integrate one RK4 step (reverse_fn in training mode gets only the end points); vector field 3 x 128
+    "flow": "cnf", "cnf_divergence": "hutchinson", "cnf_steps": 24, "cnf_sample_steps": 1, "hidden": 128,
+    "n_layers": 3,
+    # AIS towards p^2/q: 5 intermediates, 10 Metropolis updates each, ladder 5 -> 0.1 (flow units), each
+    # update's step adapted x/÷1.05 towards mean acceptance probability 0.65 (fab-torch's set_eval_mode is
+    # inverted, so tuning is on in every pass); float32 exp overflow rejects log ratios > 88.72
+    "transition": "metropolis", "n_intermediate": 5, "n_inner": 10, "step_size": 5.0, "min_step_size": 0.1,
+    "adapt_step_size": True, "adapt_per_update": True, "step_adapt_factor": 1.05, "target_accept": 0.65,
+    "max_log_ratio": math.log(torch.finfo(torch.float32).max),
+    # 1 024 AIS chains per epoch of 100 steps of 512 buffer draws; buffer 10 000 (first fill 1 024 >= 1 000);
+    # loss -mean(min(w_adj, 1e3) log q); Adam lr 1e-3, Lightning gradient_clip_val 0.5 (norm)
+    "ais_batch_size": 1024, "batch_size": 512, "n_updates_per_ais": 100, "buffer_max": 10_000,
+    "buffer_min": 1_000, "w_adjust_max_clip": 1e3, "lr": 1e-3, "lr_schedule": "constant",
+    "grad_clip_mode": "fixed", "grad_clip": 0.5, "dtype": "float32", "alpha": 2.0,
+    # uncentred proposals / density; first fill from the base with the -log q slip
+    "centre_chains": False, "init_from_base": True, "init_log_q_negated": True,
+}
 #: cpu grid: optimiser steps of the particle cells (one core, about 20 minutes each; the lr schedule decays
 #: over exactly these). Measured CPU s/step of the default EACF presets (docs/fab.md): DW-4 0.53, LJ-13 0.62,
 #: LJ-55 0.57; fab@cnf (same budget, variant-blind) needs ≈ 1.3 s/step on DW-4
@@ -92,6 +114,13 @@ class FABConfig(MethodConfig):
     target_accept: float = 0.65
     step_adapt_factor: float | None = None  # None: log ε += acc − target; f: ×/÷ f per pass (fab-jax 1.02)
     max_grad: float = 1e3  # HMC gradient clamp (fab-torch max_grad)
+    # Metropolis as fab-torch's operator in BNEM's FAB (fab@bnem; methods.ais.Metropolis): a per-update ladder
+    # linspace(step_size, min_step_size, n_inner), each update's step adapted after it from the mean
+    # acceptance probability, proposals with log ratio > max_log_ratio rejected (float32 exp overflow)
+    min_step_size: float | None = None
+    adapt_per_update: bool = False
+    max_log_ratio: float | None = None
+    ais_batch_size: int | None = None  # AIS chains per pass (None: batch_size)
     # --- flow
     flow: Literal["realnvp", "cnf", "eacf"] = "realnvp"
     n_layers: int = 15  # RealNVP coupling blocks; CNF: EGNN layers
@@ -99,6 +128,15 @@ class FABConfig(MethodConfig):
     base_scale: float = 1.0  # std of the base (EACF: of its x part)
     cnf_steps: int = 8  # RK4 steps of the continuous flow
     cnf_divergence: Literal["auto", "exact", "hutchinson"] = "auto"
+    cnf_coord_scale: float = 1.0  # the CNF lives on x / cnf_coord_scale (BNEM GMM-40: 50)
+    cnf_sample_steps: int | None = None  # RK4 steps of the AIS's flow draws (None: cnf_steps; BNEM: 1)
+    # False (fab@bnem): AIS proposals in the full n·d space and the CNF density not restricted to centred x
+    # (BNEM's); the buffer points are centred before the loss, as BNEM's training step does
+    centre_chains: bool = True
+    # BNEM's initial buffer fill: AIS chains start from base samples (init_from_prior) with the flow's log q,
+    # and the buffer stores −log q for that first pass (the published sign slip)
+    init_from_base: bool = False
+    init_log_q_negated: bool = False
     # EACF (methods.eacf; published: 12 blocks, EGNN 3 layers, MLPs 64, 128 invariant features, 8 bins)
     eacf_blocks: int = 12
     eacf_egnn_layers: int = 3
@@ -142,6 +180,8 @@ class FABConfig(MethodConfig):
                          "dyn_skip_factor"), POSITIVE),
         **dict.fromkeys(("aux_loss_weight", "diag_marginal_samples"), NON_NEGATIVE),
         "step_adapt_factor": Range(1.0, lo_open=True),
+        **dict.fromkeys(("min_step_size", "cnf_coord_scale"), POSITIVE),
+        **dict.fromkeys(("ais_batch_size", "cnf_sample_steps"), AT_LEAST_1),
     }
 
     PER_TARGET = {
@@ -187,6 +227,31 @@ class FABConfig(MethodConfig):
                 "dw4": {**_CNF_VARIANT, "base_scale": 2.0}, "lj13": _CNF_VARIANT, "lj55": _CNF_VARIANT,
             },
         },
+        "bnem": {
+            "description": "FAB as BNEM's code ran it for the BNEM poster's FAB rows (GMM-40 x-W2 3.828, "
+            "E-W2 64.23, TV 0.824; DW-4 0.614, 211.5, 0.359 under the bnem protocol, on dw4-bnem): an FFJORD "
+            "CNF (Hutchinson, 24 RK4 steps for log q, one for the AIS's draws) with BNEM's MLP (GMM-40, on "
+            "x/50) or EGNN (DW-4) field, AIS with 5 intermediates x 10 random-walk Metropolis updates "
+            "(ladder 5 -> 0.1 in flow units, adapted x/÷1.05 per update), uncentred DW-4 proposals, buffer "
+            "10 000 drawn 512 per step, one AIS pass of 1 024 chains per 100 steps, w-adjust clip 1e3, Adam "
+            "1e-3, gradient-norm clip 0.5, float32, first fill from the base with -log q stored. Not done: "
+            "the buffer's log-w clamp at 20 and draws of empty slots, ReduceLROnPlateau (DW-4) and early "
+            "stopping on val E-W2 (docs/fab.md)",
+            "source": "tonyauyeung/BNEM dem/models/fab_module.py, dem/models/components/{ffjord,ais_fab,"
+            "replay_buffer}.py, configs/model/fab.yaml, configs/experiment/{gmm,dw4}_idem.yaml, "
+            "configs/trainer/default.yaml, configs/data/dummy.yaml at 6f016c7 (2024-09-06; fab_module.py "
+            "unchanged in what it computes to 1b2eb92); jarridrb/fab-torch fab/sampling_methods/"
+            "transition_operators/metropolis.py at febeeaa",
+            "overrides": {
+                # BNEM GMM: data_normalization_factor 50 (the flow sees x/50), Prior N(0, sigma_max^2 = 1)
+                # in those units; Metropolis steps 5 -> 0.1 in flow units = 250 -> 5 in ours
+                "gmm40": {**_BNEM_FAB, "cnf_coord_scale": 50.0, "base_scale": 1.0, "step_size": 250.0,
+                          "min_step_size": 5.0},
+                # BNEM DW-4 (its doubled energy: target dw4-bnem): EGNN 3 x 128, MeanFreePrior scale
+                # sigma_max = 3
+                "dw4": {**_BNEM_FAB, "base_scale": 3.0},
+            },
+        },
         "published": {
             "description": "the published code's HMC step-size rule: ×/÷ 1.02 per AIS pass towards "
             "acceptance 0.65 (fab-jax), instead of our log-step rule (log ε += acceptance − 0.65)",
@@ -199,8 +264,9 @@ class FABConfig(MethodConfig):
     PRESETS = {
         # a few seconds per cell on a CPU: tiny flows, batches and buffers (plumbing only)
         "smoke": {
-            "*": {"batch_size": 32, "buffer_max": 256, "buffer_min": 64, "diag_samples": 128},
-            "gmm40": {"n_layers": 4, "hidden": 32},
+            "*": {"batch_size": 32, "buffer_max": 256, "buffer_min": 64, "diag_samples": 128,
+                  "ais_batch_size": None},
+            "gmm40": {"n_layers": 4, "hidden": 32, "cnf_steps": 2},
             "dw4": {
                 **_TINY, "n_layers": 2, "n_intermediate": 2, "n_inner": 5, "batch_size": 16, "buffer_min": 16,
                 "buffer_max": 128, "diag_samples": 64, "lr_warmup_steps": 2, "lr_total_steps": 4,
@@ -285,6 +351,25 @@ class FABConfig(MethodConfig):
             )
 
 
+class _BaseStart(torch.nn.Module):
+    """AIS start of BNEM's first buffer fill (``init_from_base``): x from the CNF's base (in target
+    coordinates) with log q = the flow's log q at x, i.e. chains that do not start from q."""
+
+    exact_sample_log_prob = True
+
+    def __init__(self, flow: EquivariantCNF) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.flow.log_prob(x)
+
+    def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        p = next(self.flow.parameters())
+        x = self.flow.base.sample(n, generator, p.dtype, p.device) * self.flow.coord_scale
+        return x, self.flow.log_prob(x)
+
+
 def _derive_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
 
@@ -304,9 +389,9 @@ class FAB(Method):
             raise ValueError(
                 f"fab: flow 'realnvp' is not equivariant; use flow='eacf' or 'cnf' for {target.name}"
             )
-        if c.flow in ("cnf", "eacf") and not self.particles:
+        if c.flow == "eacf" and not self.particles:
             raise ValueError(
-                f"fab: flow {c.flow!r} needs a particle target; use flow='realnvp' for {target.name}"
+                f"fab: flow 'eacf' needs a particle target; use flow='realnvp' for {target.name}"
             )
         #: EACF: the flow, AIS and buffer live on the joint (x, a) space
         self.joint = c.flow == "eacf"
@@ -323,7 +408,7 @@ class FAB(Method):
             project = self.flow.project
         else:
             self.ais_target = target
-            project = target.center if self.particles else None
+            project = target.center if self.particles and c.centre_chains else None
         if c.transition == "hmc":
             trans: Metropolis | HMC = HMC(
                 c.n_intermediate, c.step_size, c.n_inner, c.adapt_step_size, c.target_accept, c.max_grad,
@@ -331,7 +416,7 @@ class FAB(Method):
             )
         else:
             trans = Metropolis(c.n_intermediate, c.step_size, c.n_inner, c.adapt_step_size, c.target_accept,
-                               c.step_adapt_factor)
+                               c.step_adapt_factor, c.min_step_size, c.adapt_per_update, c.max_log_ratio)
         self.ais = AnnealedImportanceSampler(
             self.flow, self.ais_target, trans, c.n_intermediate, c.alpha, project
         )
@@ -363,21 +448,36 @@ class FAB(Method):
                 t.n_particles, t.spatial_dim, c.eacf_blocks, c.eacf_egnn_layers, c.eacf_hidden,
                 c.eacf_features, c.spline_bins, c.spline_r_max, c.base_scale, c.aug_scale,
             )
-        from methods.nets import EGNN
+        from methods.nets import EGNN, TimeMLP
 
+        if not self.particles:  # BNEM's GMM-40 FAB: its MLP vector field (DEM MyMLP) on x / cnf_coord_scale
+            mlp = TimeMLP(t.dim, hidden=c.hidden, n_blocks=c.n_layers)
+            return EquivariantCNF(
+                mlp, None, t.dim, c.cnf_steps, c.base_scale, c.cnf_divergence, c.cnf_coord_scale,
+                sample_steps=c.cnf_sample_steps,
+            )
         field = EGNN(t.n_particles, t.spatial_dim, hidden=c.hidden, n_layers=c.n_layers)
         return EquivariantCNF(
-            field, t.n_particles, t.spatial_dim, c.cnf_steps, c.base_scale, c.cnf_divergence
+            field, t.n_particles, t.spatial_dim, c.cnf_steps, c.base_scale, c.cnf_divergence,
+            c.cnf_coord_scale, c.centre_chains, c.cnf_sample_steps,
         )
 
     # ------------------------------------------------------------------ training
     def _run_ais(self) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.config
         self.flow.eval()
-        res = self.ais.run(self.config.batch_size, self.generator)
+        first = self.n_ais_batches == 0
+        if first and c.init_from_base:  # BNEM: the first chains start at base samples, weighted with log q
+            self.ais.flow = _BaseStart(self.flow)
+        try:
+            res = self.ais.run(c.ais_batch_size or c.batch_size, self.generator)
+        finally:
+            self.ais.flow = self.flow
         self.n_ais_batches += 1
         self._last_ais_ess = log_weights_ess(res.log_w)
         self._last_accept = float(res.accept.mean())
-        return res.x, res.log_w, res.log_q
+        log_q = -res.log_q if first and c.init_log_q_negated else res.log_q
+        return res.x, res.log_w, log_q
 
     def _fill_buffer(self) -> None:
         assert self.buffer is not None
@@ -490,6 +590,8 @@ class FAB(Method):
                 self.buffer.add(*self._run_ais())
             self.flow.train()
             x, _, log_q_old, idx = self.buffer.sample(c.batch_size, self.generator)
+            if self.particles and not c.centre_chains:  # BNEM centres the drawn points (remove_mean)
+                x = self.target.center(x)
             log_q, rows, aux = self._log_q_finite(x)
             log_w_adj = (1.0 - c.alpha) * (log_q.detach() - log_q_old[rows])
             w_adj = torch.exp(log_w_adj)

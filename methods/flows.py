@@ -233,6 +233,27 @@ class MeanFreeGaussian:
         return self.center(eps) * self.scale
 
 
+class IsotropicGaussian:
+    """N(0, σ² I) on R^dim with the interface of ``MeanFreeGaussian`` (``center`` is the identity): the base
+    of a continuous flow on a non-particle target."""
+
+    def __init__(self, dim: int, scale: float = 1.0) -> None:
+        if dim < 1 or scale <= 0:
+            raise ValueError(f"IsotropicGaussian needs dim >= 1, scale > 0; got {dim}, {scale}")
+        self.dim, self.scale, self.dof = dim, scale, dim
+
+    def center(self, x: Tensor) -> Tensor:
+        return x
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -0.5 * (x**2).sum(-1) / self.scale**2 - 0.5 * self.dof * math.log(2 * math.pi * self.scale**2)
+
+    def sample(
+        self, n: int, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        return torch.randn(n, self.dim, generator=generator, dtype=dtype, device=device) * self.scale
+
+
 VectorField = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -249,6 +270,17 @@ class EquivariantCNF(nn.Module):
 
     ``log_prob`` integrates backwards from x to the base. It is differentiable in x (so HMC can use
     ∇ log q) at the price of double back-propagation.
+
+    Options (used by ``fab@bnem``, BNEM's FFJORD flow):
+    - ``n_particles=None``: a non-particle flow on R^spatial_dim with an isotropic Gaussian base (``field``
+      e.g. ``methods.nets.TimeMLP``).
+    - ``coord_scale`` s: the flow lives on y = x/s (BNEM's GMM-40: its data normalisation 50);
+      log q(x) = log q_y(x/s) − dof·log s.
+    - ``centre=False``: the density of a particle flow is not restricted to centred x. With a centred field
+      the centre of mass c is carried unchanged to the base, so log q(x) = log q(x − c) − n|c|²/(2σ²): the
+      density of BNEM's flow (its ``MeanFreePrior.log_prob`` does not centre) on uncentred AIS proposals.
+    - ``sample_steps``: RK4 steps of the sampling integration (None: ``n_steps``). BNEM samples with one RK4
+      step in training mode while its log q integrates 24; ``log_prob`` always uses ``n_steps``.
     """
 
     #: the log q returned with samples (forward integration) equals ``log_prob`` (backward integration) only
@@ -258,21 +290,36 @@ class EquivariantCNF(nn.Module):
     def __init__(
         self,
         field: nn.Module,
-        n_particles: int,
+        n_particles: int | None,
         spatial_dim: int,
         n_steps: int = 10,
         base_scale: float = 1.0,
         divergence: str = "auto",
+        coord_scale: float = 1.0,
+        centre: bool = True,
+        sample_steps: int | None = None,
     ) -> None:
         super().__init__()
         if divergence not in ("exact", "hutchinson", "auto"):
             raise ValueError(f"divergence must be 'exact', 'hutchinson' or 'auto', got {divergence!r}")
-        if n_steps < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        if n_steps < 1 or (sample_steps is not None and sample_steps < 1):
+            raise ValueError(f"n_steps and sample_steps must be >= 1, got {n_steps}, {sample_steps}")
+        if coord_scale <= 0:
+            raise ValueError(f"coord_scale must be > 0, got {coord_scale}")
         self.field = field
-        self.base = MeanFreeGaussian(n_particles, spatial_dim, base_scale)
-        self.dim = n_particles * spatial_dim
+        self.base: MeanFreeGaussian | IsotropicGaussian
+        if n_particles is None:
+            self.base = IsotropicGaussian(spatial_dim, base_scale)
+            self.dim = spatial_dim
+        else:
+            self.base = MeanFreeGaussian(n_particles, spatial_dim, base_scale)
+            self.dim = n_particles * spatial_dim
         self.n_steps = n_steps
+        self.sample_steps = sample_steps
+        self.coord_scale = float(coord_scale)
+        self.centre = centre
+        # log|dy/dx| on the space the density lives on (the centred slice, or all of R^dim without centring)
+        self._log_jac = -(self.base.dof if centre else self.dim) * math.log(self.coord_scale)
         self.exact = divergence == "exact" or (divergence == "auto" and self.dim <= 64)
         self._probe_gen: torch.Generator | None = None
 
@@ -309,13 +356,20 @@ class EquivariantCNF(nn.Module):
             v, div = v.detach(), div.detach()
         return v, div
 
-    def _integrate(self, x: Tensor, forward: bool, create_graph: bool) -> tuple[Tensor, Tensor]:
-        """RK4 from t=0→1 (forward) or 1→0; returns (x_end, ∫ div v dt along the path, signed with dt)."""
-        h = 1.0 / self.n_steps
+    def _ctr(self, x: Tensor) -> Tensor:
+        return self.base.center(x) if self.centre else x
+
+    def _integrate(
+        self, x: Tensor, forward: bool, create_graph: bool, n_steps: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """RK4 from t=0→1 (forward) or 1→0 in ``n_steps`` (default ``self.n_steps``) steps; returns
+        (x_end, ∫ div v dt along the path, signed with dt)."""
+        steps = self.n_steps if n_steps is None else n_steps
+        h = 1.0 / steps
         dt = h if forward else -h
         t = 0.0 if forward else 1.0
         acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for _ in range(self.n_steps):
+        for _ in range(steps):
             k1, d1 = self._v_and_div(t, x, create_graph)
             k2, d2 = self._v_and_div(t + dt / 2, x + dt / 2 * k1, create_graph)
             k3, d3 = self._v_and_div(t + dt / 2, x + dt / 2 * k2, create_graph)
@@ -328,18 +382,22 @@ class EquivariantCNF(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """log q(x) [B] for centred x [B, n·d] (differentiable in x and the parameters)."""
         create_graph = torch.is_grad_enabled()
-        x = self.base.center(x)
-        z, acc = self._integrate(x, forward=False, create_graph=create_graph)
+        y = x / self.coord_scale if self.coord_scale != 1.0 else x
+        y = self._ctr(y)
+        z, acc = self._integrate(y, forward=False, create_graph=create_graph)
         # d log q / dt = −div v  ⇒  log q1(x) = log q0(z) − ∫_0^1 div dt = log q0(z) + acc
         # (acc integrates from 1 to 0)
-        return self.base.log_prob(self.base.center(z)) + acc
+        return self.base.log_prob(self._ctr(z)) + acc + self._log_jac
 
     def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         p = self._param()
         z = self.base.sample(n, generator, p.dtype, p.device)
         create_graph = torch.is_grad_enabled()
-        x, acc = self._integrate(z, forward=True, create_graph=create_graph)
-        return self.base.center(x), self.base.log_prob(z) - acc
+        y, acc = self._integrate(z, forward=True, create_graph=create_graph, n_steps=self.sample_steps)
+        x = self.base.center(y)
+        if self.coord_scale != 1.0:
+            x = x * self.coord_scale
+        return x, self.base.log_prob(z) - acc + self._log_jac
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         with torch.no_grad():
