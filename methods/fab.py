@@ -129,7 +129,7 @@ class FABConfig(MethodConfig):
     cnf_steps: int = 8  # RK4 steps of the continuous flow
     cnf_divergence: Literal["auto", "exact", "hutchinson"] = "auto"
     cnf_coord_scale: float = 1.0  # the CNF lives on x / cnf_coord_scale (BNEM GMM-40: 50)
-    cnf_sample_steps: int | None = None  # RK4 steps of the AIS's flow draws (None: cnf_steps; BNEM: 1)
+    cnf_sample_steps: int | None = None  # RK4 steps of the AIS's flow draws only (None: cnf_steps; BNEM: 1)
     # False (fab@bnem): AIS proposals in the full n·d space and the CNF density not restricted to centred x
     # (BNEM's); the buffer points are centred before the loss, as BNEM's training step does
     centre_chains: bool = True
@@ -453,13 +453,12 @@ class FAB(Method):
         if not self.particles:  # BNEM's GMM-40 FAB: its MLP vector field (DEM MyMLP) on x / cnf_coord_scale
             mlp = TimeMLP(t.dim, hidden=c.hidden, n_blocks=c.n_layers)
             return EquivariantCNF(
-                mlp, None, t.dim, c.cnf_steps, c.base_scale, c.cnf_divergence, c.cnf_coord_scale,
-                sample_steps=c.cnf_sample_steps,
+                mlp, None, t.dim, c.cnf_steps, c.base_scale, c.cnf_divergence, c.cnf_coord_scale
             )
         field = EGNN(t.n_particles, t.spatial_dim, hidden=c.hidden, n_layers=c.n_layers)
         return EquivariantCNF(
             field, t.n_particles, t.spatial_dim, c.cnf_steps, c.base_scale, c.cnf_divergence,
-            c.cnf_coord_scale, c.centre_chains, c.cnf_sample_steps,
+            c.cnf_coord_scale, c.centre_chains,
         )
 
     # ------------------------------------------------------------------ training
@@ -469,10 +468,15 @@ class FAB(Method):
         first = self.n_ais_batches == 0
         if first and c.init_from_base:  # BNEM: the first chains start at base samples, weighted with log q
             self.ais.flow = _BaseStart(self.flow)
+        cnf = self.flow if isinstance(self.flow, EquivariantCNF) else None
+        if cnf is not None:  # BNEM's AIS draws integrate cnf_sample_steps; sample() and log q use cnf_steps
+            cnf.sample_steps = c.cnf_sample_steps
         try:
             res = self.ais.run(c.ais_batch_size or c.batch_size, self.generator)
         finally:
             self.ais.flow = self.flow
+            if cnf is not None:
+                cnf.sample_steps = None
         self.n_ais_batches += 1
         self._last_ais_ess = log_weights_ess(res.log_w)
         self._last_accept = float(res.accept.mean())

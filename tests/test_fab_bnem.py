@@ -193,6 +193,7 @@ def test_seeded_short_run_is_reproducible(target_name: str) -> None:
         m = _make(target_name, seed, **tiny)
         for _ in range(3):
             m.train_step()
+        assert m.flow.sample_steps is None  # the one-step draws are the AIS's only (BNEM training mode)
         runs.append((_params(m), m.sample(4), m.ais.transition.step_sizes.clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert torch.equal(runs[0][2], runs[1][2])
