@@ -92,7 +92,7 @@ _BNEM_FAB = {
     "buffer_min": 1_000, "w_adjust_max_clip": 1e3, "lr": 1e-3, "lr_schedule": "constant",
     "grad_clip_mode": "fixed", "grad_clip": 0.5, "dtype": "float32", "alpha": 2.0,
     # uncentred proposals / density; first fill from the base with the -log q slip
-    "centre_chains": False, "init_from_base": True, "init_log_q_negated": True,
+    "centre_chains": False, "init_from_base": True, "init_log_q_negated": True, "buffer_rule": "bnem",
 }
 #: cpu grid: optimiser steps of the particle cells (one core, about 20 minutes each; the lr schedule decays
 #: over exactly these). Measured CPU s/step of the default EACF presets (docs/fab.md): DW-4 0.53, LJ-13 0.62,
@@ -168,6 +168,9 @@ class FABConfig(MethodConfig):
     buffer_min: int = 1_280
     n_updates_per_ais: int = 4
     w_adjust_max_clip: float | None = None
+    # "bnem" (fab@bnem): BNEM's ReplayBuffer draw rule, ∝ exp(min(log w, 20)) over all buffer_max slots, the
+    # unfilled ones (x = 0, log w = 0, log q = 0) included
+    buffer_rule: Literal["fab", "bnem"] = "fab"
     # --- sampling / diagnostics
     sample_mode: Literal["flow", "resample"] = "flow"
     diag_samples: int = 1024
@@ -234,9 +237,9 @@ class FABConfig(MethodConfig):
             "x/50) or EGNN (DW-4) field, AIS with 5 intermediates x 10 random-walk Metropolis updates "
             "(ladder 5 -> 0.1 in flow units, adapted x/÷1.05 per update), uncentred DW-4 proposals, buffer "
             "10 000 drawn 512 per step, one AIS pass of 1 024 chains per 100 steps, w-adjust clip 1e3, Adam "
-            "1e-3, gradient-norm clip 0.5, float32, first fill from the base with -log q stored. Not done: "
-            "the buffer's log-w clamp at 20 and draws of empty slots, ReduceLROnPlateau (DW-4) and early "
-            "stopping on val E-W2 (docs/fab.md)",
+            "1e-3, gradient-norm clip 0.5, float32, first fill from the base with -log q stored, buffer "
+            "draws ∝ exp(min(log w, 20)) over all slots (empty ones too). Not done: ReduceLROnPlateau "
+            "(DW-4); early stopping is the bnem selection rule (docs/fab.md)",
             "source": "tonyauyeung/BNEM dem/models/fab_module.py, dem/models/components/{ffjord,ais_fab,"
             "replay_buffer}.py, configs/model/fab.yaml, configs/experiment/{gmm,dw4}_idem.yaml, "
             "configs/trainer/default.yaml, configs/data/dummy.yaml at 6f016c7 (2024-09-06; fab_module.py "
@@ -351,6 +354,29 @@ class FABConfig(MethodConfig):
             )
 
 
+class _BNEMReplayBuffer(PrioritisedReplayBuffer):
+    """BNEM's ``ReplayBuffer`` draw rule (``buffer_rule="bnem"``): ``batch`` distinct slots drawn
+    ∝ exp(min(log w, ``LOG_W_MAX``)) over **all** ``max_length`` slots. Slots not yet filled hold x = 0,
+    log w = 0 and log q = 0 (weight 1), are drawn and adjusted like the others, as in BNEM's code (its
+    ``sample`` computes the filled range but does not use it)."""
+
+    LOG_W_MAX = 20.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log_w.zero_()
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if not self.can_sample:
+            raise ValueError(f"buffer holds {self.length} < min_length {self.min_length} entries")
+        lw = self.log_w.clamp(max=self.LOG_W_MAX)
+        if int(torch.isfinite(lw).sum()) < batch:
+            raise ValueError(f"buffer has fewer than {batch} slots with finite weight")
+        u = torch.rand(self.max_length, generator=generator, dtype=torch.float64, device=lw.device)
+        idx = torch.topk(lw - torch.log(-torch.log(u.clamp_min(1e-300))), batch).indices
+        return self.x[idx], self.log_w[idx], self.log_q_old[idx], idx
+
+
 class _BaseStart(torch.nn.Module):
     """AIS start of BNEM's first buffer fill (``init_from_base``): x from the CNF's base (in target
     coordinates) with log q = the flow's log q at x, i.e. chains that do not start from q."""
@@ -423,7 +449,9 @@ class FAB(Method):
         self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self._lr())
         flow_dim = self.flow.dim if isinstance(self.flow, EACFFlow) else target.dim
         self.buffer = (
-            PrioritisedReplayBuffer(flow_dim, c.buffer_max, c.buffer_min, self.device, self.dtype)
+            (_BNEMReplayBuffer if c.buffer_rule == "bnem" else PrioritisedReplayBuffer)(
+                flow_dim, c.buffer_max, c.buffer_min, self.device, self.dtype
+            )
             if c.use_buffer
             else None
         )

@@ -13,7 +13,7 @@ import targets
 from harness import grids
 from harness.budget import CountingTarget
 from methods.ais import ChainState, Metropolis, _Evaluator
-from methods.fab import FAB, FABConfig
+from methods.fab import FAB, FABConfig, _BNEMReplayBuffer
 from methods.flows import EquivariantCNF
 from methods.nets import EGNN
 
@@ -40,6 +40,7 @@ def test_variant_resolves_and_validates(target_name: str) -> None:
     else:
         assert (c.cnf_coord_scale, c.base_scale, c.step_size, c.min_step_size) == (1.0, 3.0, 5.0, 0.1)
         assert not c.centre_chains
+    assert c.buffer_rule == "bnem" and c.init_from_base and c.init_log_q_negated
     for grid in ("smoke", "cpu"):
         FABConfig.for_target(target_name, **{**over, **FABConfig.preset(grid, target_name)})
 
@@ -214,3 +215,24 @@ def test_first_fill_from_the_base_with_negated_log_q() -> None:
         lq = m.flow.log_prob(b.x[:8])
     ok = torch.isfinite(b.log_w[:8])
     torch.testing.assert_close(b.log_q_old[:8][ok], -lq[ok])
+
+
+def test_bnem_buffer_draw_rule_clamps_log_w_and_draws_empty_slots() -> None:
+    gen = torch.Generator().manual_seed(3)
+    buf = _BNEMReplayBuffer(1, 10, 2, "cpu", torch.float64)
+    buf.add(torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.tensor([30.0, 1000.0]),
+            torch.zeros(2, dtype=torch.float64))
+    # both clamp to log w 20: equally likely; the 8 empty slots (weight 1 each) almost never win
+    hits = torch.zeros(10)
+    for _ in range(2000):
+        hits[buf.sample(1, gen)[3]] += 1
+    assert float(hits[:2].sum()) >= 1995 and abs(float(hits[0] - hits[1])) < 200
+    # entries with log w −50: the empty slots (x = 0, log w = 0) are drawn instead, and can be adjusted
+    buf2 = _BNEMReplayBuffer(1, 10, 2, "cpu", torch.float64)
+    zeros2 = torch.zeros(2, dtype=torch.float64)
+    buf2.add(torch.ones(2, 1, dtype=torch.float64), torch.full((2,), -50.0), zeros2)
+    x, log_w, log_q, idx = buf2.sample(3, gen)
+    assert bool((idx >= 2).all()) and torch.equal(x, torch.zeros(3, 1, dtype=torch.float64))
+    assert torch.equal(log_w, torch.zeros(3, dtype=torch.float64))
+    buf2.adjust(idx, torch.full((3,), -1.0), torch.full((3,), 0.5, dtype=torch.float64))
+    assert torch.equal(buf2.log_w[idx], torch.full((3,), -1.0, dtype=torch.float64))
