@@ -336,12 +336,14 @@ Transition = Metropolis | HMC
 @dataclass
 class AISResult:
     """x [B, D] (detached), log_w [B] float64 (−inf for chains that hit a non-finite value), log_q [B] of
-    the flow at the final x (under the flow that produced the chain), accept [n_int] acceptance rates."""
+    the flow at the final x (under the flow that produced the chain), accept [n_int] acceptance rates, log_p
+    [B] = −E at the final x (no further evaluation)."""
 
     x: Tensor
     log_w: Tensor
     log_q: Tensor
     accept: Tensor
+    log_p: Tensor | None = None
 
 
 class AnnealedImportanceSampler:
@@ -386,7 +388,7 @@ class AnnealedImportanceSampler:
         bad = ~torch.isfinite(log_w) | ~torch.isfinite(s.log_q) | ~torch.isfinite(s.log_p)
         log_w = torch.where(bad, torch.full_like(log_w, -float("inf")), log_w)
         acc = self.transition.last_accept[: self.n_intermediate].clone()
-        return AISResult(s.x.detach(), log_w, s.log_q.detach(), acc)
+        return AISResult(s.x.detach(), log_w, s.log_q.detach(), acc, s.log_p.detach())
 
 
 def alpha_div_loss(log_q: Tensor, log_w: Tensor) -> Tensor:

@@ -93,6 +93,7 @@ _BNEM_FAB = {
     "grad_clip_mode": "fixed", "grad_clip": 0.5, "dtype": "float32", "alpha": 2.0,
     # uncentred proposals / density; first fill from the base with the -log q slip
     "centre_chains": False, "init_from_base": True, "init_log_q_negated": True, "buffer_rule": "bnem",
+    "ais_at_epoch_end": True,
 }
 #: cpu grid: optimiser steps of the particle cells (one core, about 20 minutes each; the lr schedule decays
 #: over exactly these). Measured CPU s/step of the default EACF presets (docs/fab.md): DW-4 0.53, LJ-13 0.62,
@@ -171,6 +172,18 @@ class FABConfig(MethodConfig):
     # "bnem" (fab@bnem): BNEM's ReplayBuffer draw rule, ∝ exp(min(log w, 20)) over all buffer_max slots, the
     # unfilled ones (x = 0, log w = 0, log q = 0) included
     buffer_rule: Literal["fab", "bnem"] = "fab"
+    # True (fab@bnem): the AIS pass runs after every n_updates_per_ais-th step (BNEM: at the end of each epoch
+    # of 100 steps, after the setup fill), not before it (fab-torch: fill, then AIS before each block)
+    ais_at_epoch_end: bool = False
+    # fab@bnem DW-4: Lightning's ReduceLROnPlateau on val/energy_w2, stepped every 10 epochs. Every
+    # plateau_check_steps steps (at an epoch end), W2² of the energies of the last plateau_ref_size AIS
+    # samples against plateau_ref_size val-split rows (BNEM: test rows); lr × plateau_factor after more than
+    # plateau_patience checks without a relative improvement of 1e-4 (torch's defaults)
+    lr_plateau: bool = False
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    plateau_check_steps: int = 1000
+    plateau_ref_size: int = 1000
     # --- sampling / diagnostics
     sample_mode: Literal["flow", "resample"] = "flow"
     diag_samples: int = 1024
@@ -184,7 +197,10 @@ class FABConfig(MethodConfig):
         **dict.fromkeys(("aux_loss_weight", "diag_marginal_samples"), NON_NEGATIVE),
         "step_adapt_factor": Range(1.0, lo_open=True),
         **dict.fromkeys(("min_step_size", "cnf_coord_scale"), POSITIVE),
-        **dict.fromkeys(("ais_batch_size", "cnf_sample_steps"), AT_LEAST_1),
+        **dict.fromkeys(("ais_batch_size", "cnf_sample_steps", "plateau_check_steps", "plateau_ref_size"),
+                        AT_LEAST_1),
+        "plateau_factor": Range(0.0, 1.0, lo_open=True, hi_open=True),
+        "plateau_patience": NON_NEGATIVE,
     }
 
     PER_TARGET = {
@@ -238,8 +254,9 @@ class FABConfig(MethodConfig):
             "(ladder 5 -> 0.1 in flow units, adapted x/÷1.05 per update), uncentred DW-4 proposals, buffer "
             "10 000 drawn 512 per step, one AIS pass of 1 024 chains per 100 steps, w-adjust clip 1e3, Adam "
             "1e-3, gradient-norm clip 0.5, float32, first fill from the base with -log q stored, buffer "
-            "draws ∝ exp(min(log w, 20)) over all slots (empty ones too). Not done: ReduceLROnPlateau "
-            "(DW-4); early stopping is the bnem selection rule (docs/fab.md)",
+            "draws ∝ exp(min(log w, 20)) over all slots (empty ones too), AIS at each epoch's end, DW-4 "
+            "ReduceLROnPlateau on the AIS samples' val E-W2 every 1000 steps; early stopping is the bnem "
+            "selection rule (docs/fab.md)",
             "source": "tonyauyeung/BNEM dem/models/fab_module.py, dem/models/components/{ffjord,ais_fab,"
             "replay_buffer}.py, configs/model/fab.yaml, configs/experiment/{gmm,dw4}_idem.yaml, "
             "configs/trainer/default.yaml, configs/data/dummy.yaml at 6f016c7 (2024-09-06; fab_module.py "
@@ -251,8 +268,8 @@ class FABConfig(MethodConfig):
                 "gmm40": {**_BNEM_FAB, "cnf_coord_scale": 50.0, "base_scale": 1.0, "step_size": 250.0,
                           "min_step_size": 5.0},
                 # BNEM DW-4 (its doubled energy: target dw4-bnem): EGNN 3 x 128, MeanFreePrior scale
-                # sigma_max = 3
-                "dw4": {**_BNEM_FAB, "base_scale": 3.0},
+                # sigma_max = 3; fab.yaml's ReduceLROnPlateau (the GMM experiment sets scheduler: null)
+                "dw4": {**_BNEM_FAB, "base_scale": 3.0, "lr_plateau": True},
             },
         },
         "published": {
@@ -466,6 +483,11 @@ class FAB(Method):
         # its entries at 1e30 (every step is taken until 1/3 of the window holds real norms) and the rest NaN
         self.grad_norms = torch.full((c.dyn_window,), float("nan"), dtype=torch.float64)
         self.grad_norms[: int(c.dyn_window * 2 / 3)] = 1e30
+        # lr_plateau: [best metric, checks without improvement, lr factor]; the last AIS pass's log p
+        self.plateau = [float("inf"), 0.0, 1.0]
+        self._last_ais_log_p: Tensor | None = None
+        self._ref_energy: Tensor | None = None
+        self._last_val_e_w2 = float("nan")
 
     def _build_flow(self, gen: torch.Generator) -> torch.nn.Module:
         c, t = self.config, self.target
@@ -508,6 +530,7 @@ class FAB(Method):
         self.n_ais_batches += 1
         self._last_ais_ess = log_weights_ess(res.log_w)
         self._last_accept = float(res.accept.mean())
+        self._last_ais_log_p = res.log_p
         log_q = -res.log_q if first and c.init_log_q_negated else res.log_q
         return res.x, res.log_w, log_q
 
@@ -547,7 +570,7 @@ class FAB(Method):
         """
         c = self.config
         if c.lr_schedule == "constant":
-            return c.lr
+            return c.lr * self.plateau[2] if hasattr(self, "plateau") else c.lr
         t = getattr(self, "n_opt_steps", 0)
         if t < c.lr_warmup_steps:
             return c.lr_init + (c.lr - c.lr_init) * t / c.lr_warmup_steps
@@ -618,7 +641,7 @@ class FAB(Method):
             lv, ok = self._optimise(loss)
         else:
             self._fill_buffer()
-            if self.n_steps % c.n_updates_per_ais == 0:
+            if not c.ais_at_epoch_end and self.n_steps % c.n_updates_per_ais == 0:
                 self.buffer.add(*self._run_ais())
             self.flow.train()
             x, _, log_q_old, idx = self.buffer.sample(c.batch_size, self.generator)
@@ -637,6 +660,10 @@ class FAB(Method):
             lq_all = log_q_old.clone()
             lq_all[rows] = log_q.detach()
             self.buffer.adjust(idx, adj_all, lq_all)
+            if c.ais_at_epoch_end and (self.n_steps + 1) % c.n_updates_per_ais == 0:
+                self.buffer.add(*self._run_ais())
+        if c.lr_plateau and (self.n_steps + 1) % c.plateau_check_steps == 0:
+            self._plateau_check()
         self.n_steps += 1
         self.n_skipped += int(not ok)
         logs = {
@@ -645,11 +672,47 @@ class FAB(Method):
             "ais_accept": self._last_accept,
             "step_size": float(self.ais.transition.step_sizes.mean()),
         }
-        if c.lr_schedule != "constant":
+        if c.lr_schedule != "constant" or c.lr_plateau:
             logs["lr"] = self._lr()
+        if c.lr_plateau and math.isfinite(self._last_val_e_w2):  # after the first check (the harness reads
+            logs["val_energy_w2"] = self._last_val_e_w2  # a non-finite log value as a divergence)
         if c.aux_loss_weight > 0 and self.joint:
             logs["aux_loss"] = self._last_aux
         return logs
+
+    def _val_energy_w2(self) -> float:
+        """BNEM's val/energy_w2: W2² (1-D, sorted) between the energies of the last ``plateau_ref_size`` AIS
+        samples (their log p from the chains: no further evaluation) and as many val-split rows (counted
+        once, then cached). Unequal sizes (non-finite chains) are truncated to the smaller."""
+        c = self.config
+        if self._ref_energy is None:
+            ref = self.target.reference("val")[: c.plateau_ref_size].to(self.device, self.dtype)
+            with torch.no_grad():
+                self._ref_energy = self.target.energy(ref).double()
+        lp = self._last_ais_log_p
+        if lp is None:
+            return float("nan")
+        gen = -lp.double()
+        gen = gen[torch.isfinite(gen)][-c.plateau_ref_size :]
+        n = min(gen.numel(), self._ref_energy.numel())
+        if n == 0:
+            return float("nan")
+        a, b = torch.sort(gen[-n:]).values, torch.sort(self._ref_energy[:n]).values
+        return float(((a - b) ** 2).mean())
+
+    def _plateau_check(self) -> None:
+        """One ReduceLROnPlateau step (mode min, relative threshold 1e-4, cooldown 0) on the val E-W2."""
+        c = self.config
+        m = self._val_energy_w2()
+        self._last_val_e_w2 = m
+        best, bad, factor = self.plateau
+        if math.isfinite(m) and m < best * (1.0 - 1e-4):
+            best, bad = m, 0.0
+        else:
+            bad += 1
+        if bad > c.plateau_patience:
+            factor, bad = factor * c.plateau_factor, 0.0
+        self.plateau = [best, bad, factor]
 
     def _aux_term(self, aux: Tensor | None) -> Tensor | float:
         """``aux_loss_weight`` × the mean frame-barrier loss of the batch (0 without it)."""
@@ -745,6 +808,9 @@ class FAB(Method):
             "n_opt_steps": self.n_opt_steps,
             "grad_norms": self.grad_norms.clone(),
             "last": [self._last_ais_ess, self._last_accept, self._last_aux],
+            "plateau": list(self.plateau),
+            "last_ais_log_p": self._last_ais_log_p.clone() if self._last_ais_log_p is not None else None,
+            "ref_energy": self._ref_energy.clone() if self._ref_energy is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -760,3 +826,8 @@ class FAB(Method):
         self.n_opt_steps = int(state["n_opt_steps"])
         self.grad_norms = state["grad_norms"].clone().to(torch.float64)
         self._last_ais_ess, self._last_accept, self._last_aux = (float(v) for v in state["last"])
+        self.plateau = [float(v) for v in state.get("plateau", [float("inf"), 0.0, 1.0])]
+        lp = state.get("last_ais_log_p")
+        self._last_ais_log_p = lp.clone() if lp is not None else None
+        ref = state.get("ref_energy")  # counted once per run: a resumed run does not count it again
+        self._ref_energy = ref.clone() if ref is not None else None

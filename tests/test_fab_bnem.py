@@ -236,3 +236,59 @@ def test_bnem_buffer_draw_rule_clamps_log_w_and_draws_empty_slots() -> None:
     assert torch.equal(log_w, torch.zeros(3, dtype=torch.float64))
     buf2.adjust(idx, torch.full((3,), -1.0), torch.full((3,), 0.5, dtype=torch.float64))
     assert torch.equal(buf2.log_w[idx], torch.full((3,), -1.0, dtype=torch.float64))
+
+
+def test_ais_at_epoch_end_and_the_plateau_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BNEM's order: the setup fill, then an AIS pass after every n_updates_per_ais-th step; DW-4's
+    ReduceLROnPlateau on the val E-W2 of the last AIS samples (val rows counted once)."""
+    m = _make("dw4-bnem", 0, n_intermediate=1, n_inner=1, cnf_steps=1, batch_size=8, buffer_min=8,
+              buffer_max=64, hidden=8, n_layers=1, ais_batch_size=8, n_updates_per_ais=2,
+              plateau_check_steps=2, plateau_ref_size=16)
+    assert m.config.lr_plateau and m.config.ais_at_epoch_end
+    batches = []
+    for _ in range(4):
+        logs = m.train_step()
+        batches.append(m.n_ais_batches)
+    assert batches == [1, 2, 2, 3]
+    assert math.isfinite(logs["val_energy_w2"]) and logs["lr"] == pytest.approx(1e-3)
+    # 3 AIS passes of 8 chains at 1 + 1 evaluations each, plus the 16 val rows once (two checks)
+    assert m.target.usage.energy_evals == 3 * 8 * 2 + 16
+    # the plateau rule: patience 1, a constant metric: the lr drops ×0.1 at the third check
+    monkeypatch.setattr(m, "_val_energy_w2", lambda: 5.0)
+    m.plateau = [float("inf"), 0.0, 1.0]
+    object.__setattr__(m.config, "plateau_patience", 1)
+    factors = []
+    for _ in range(4):
+        m._plateau_check()
+        factors.append(m.plateau[2])
+    assert factors == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]
+    assert m._lr() == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("target_name", ["gmm40", "dw4-bnem"])
+def test_resume_is_exact(target_name: str) -> None:
+    import io
+
+    tiny = {"n_intermediate": 1, "n_inner": 2, "cnf_steps": 1, "batch_size": 8, "buffer_min": 8,
+            "buffer_max": 32, "hidden": 8, "n_layers": 1, "ais_batch_size": 8, "n_updates_per_ais": 2,
+            "plateau_check_steps": 2, "plateau_ref_size": 8}
+    m = _make(target_name, 3, **tiny)
+    for _ in range(3):
+        m.train_step()
+    buf = io.BytesIO()
+    torch.save({"method": m.state_dict(), "rng": m.generator.get_state()}, buf)
+    for _ in range(3):
+        m.train_step()
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    m2 = _make(target_name, 99, **tiny)
+    m2.load_state_dict(ck["method"])
+    m2.generator.set_state(ck["rng"])
+    for _ in range(3):
+        m2.train_step()
+    assert torch.equal(_params(m2), _params(m))
+    assert torch.equal(m2.ais.transition.step_sizes, m.ais.transition.step_sizes)
+    assert m2.plateau[:2] == m.plateau[:2]
+    if target_name == "dw4-bnem":  # the plateau's val energies travel with the checkpoint (counted once)
+        assert m2._ref_energy is not None and m._ref_energy is not None
+        assert torch.equal(m2._ref_energy, m._ref_energy)
