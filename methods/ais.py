@@ -137,6 +137,10 @@ class Metropolis:
       exp(Δ) and maps +inf to 0, so in float32 any proposal with Δ > log(float32 max) ≈ 88.72 is rejected.
       This breaks detailed balance for such moves (the reverse move is allowed), so the kernel is only
       π-invariant where no move has Δ above the threshold; it is there to reproduce the published runs.
+    - ``stale_reference``: the acceptance ratio of every update compares the proposal with π_β at the state
+      the *transition started from*, not at the current state (fab-torch computes ``x_prev_log_prob`` once
+      before its update loop and never refreshes it). Only the first update is then an exact Metropolis
+      step; the kernel is **not** π-invariant. Reproduces the published runs only.
     """
 
     needs_grad = False
@@ -152,6 +156,7 @@ class Metropolis:
         min_step_size: float | None = None,
         adapt_per_update: bool = False,
         max_log_ratio: float | None = None,
+        stale_reference: bool = False,
     ) -> None:
         if step_size <= 0 or n_steps < 1:
             raise ValueError(f"Metropolis needs step_size > 0 and n_steps >= 1, got {step_size}, {n_steps}")
@@ -165,6 +170,7 @@ class Metropolis:
         self.target_accept = target_accept
         self.adapt_per_update = adapt_per_update
         self.max_log_ratio = max_log_ratio
+        self.stale_reference = stale_reference
         n = max(n_intermediate, 1)
         if min_step_size is None:
             #: [n_int]: one step size per intermediate density
@@ -191,13 +197,15 @@ class Metropolis:
     ) -> ChainState:
         ladder = self.step_sizes.ndim == 2
         acc_total = 0.0
+        start_log_pi = s.log_pi(beta, alpha)
         for k in range(self.n_steps):
             eps = float(self.step_sizes[j, k]) if ladder else float(self.step_sizes[j])
             noise = torch.randn(s.x.shape, generator=gen, dtype=s.x.dtype, device=s.x.device)
             if project is not None:
                 noise = project(noise)
             prop = ev(s.x + eps * noise)
-            log_ratio = prop.log_pi(beta, alpha) - s.log_pi(beta, alpha)
+            ref = start_log_pi if self.stale_reference else s.log_pi(beta, alpha)
+            log_ratio = prop.log_pi(beta, alpha) - ref
             ok = torch.isfinite(prop.log_p) & ~torch.isnan(log_ratio)
             if self.max_log_ratio is not None:
                 ok = ok & (log_ratio <= self.max_log_ratio)

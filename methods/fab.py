@@ -86,6 +86,9 @@ _BNEM_FAB = {
     "transition": "metropolis", "n_intermediate": 5, "n_inner": 10, "step_size": 5.0, "min_step_size": 0.1,
     "adapt_step_size": True, "adapt_per_update": True, "step_adapt_factor": 1.05, "target_accept": 0.65,
     "max_log_ratio": math.log(torch.finfo(torch.float32).max),
+    # fab-torch's Metropolis compares each update's proposal with π at the transition's start (its
+    # x_prev_log_prob is never refreshed): not π-invariant, reproduced
+    "stale_reference": True,
     # 1 024 AIS chains per epoch of 100 steps of 512 buffer draws; buffer 10 000 (first fill 1 024 >= 1 000);
     # loss -mean(min(w_adj, 1e3) log q); Adam lr 1e-3, Lightning gradient_clip_val 0.5 (norm)
     "ais_batch_size": 1024, "batch_size": 512, "n_updates_per_ais": 100, "buffer_max": 10_000,
@@ -121,6 +124,7 @@ class FABConfig(MethodConfig):
     min_step_size: float | None = None
     adapt_per_update: bool = False
     max_log_ratio: float | None = None
+    stale_reference: bool = False  # fab-torch: every update's ratio against π at the transition's start
     ais_batch_size: int | None = None  # AIS chains per pass (None: batch_size)
     # --- flow
     flow: Literal["realnvp", "cnf", "eacf"] = "realnvp"
@@ -251,7 +255,8 @@ class FABConfig(MethodConfig):
             "E-W2 64.23, TV 0.824; DW-4 0.614, 211.5, 0.359 under the bnem protocol, on dw4-bnem): an FFJORD "
             "CNF (Hutchinson, 24 RK4 steps for log q, one for the AIS's draws) with BNEM's MLP (GMM-40, on "
             "x/50) or EGNN (DW-4) field, AIS with 5 intermediates x 10 random-walk Metropolis updates "
-            "(ladder 5 -> 0.1 in flow units, adapted x/÷1.05 per update), uncentred DW-4 proposals, buffer "
+            "(ladder 5 -> 0.1 in flow units, adapted x/÷1.05 per update, each ratio against the transition's "
+            "start state as fab-torch computes it), uncentred DW-4 proposals, buffer "
             "10 000 drawn 512 per step, one AIS pass of 1 024 chains per 100 steps, w-adjust clip 1e3, Adam "
             "1e-3, gradient-norm clip 0.5, float32, first fill from the base with -log q stored, buffer "
             "draws ∝ exp(min(log w, 20)) over all slots (empty ones too), AIS at each epoch's end, DW-4 "
@@ -459,7 +464,8 @@ class FAB(Method):
             )
         else:
             trans = Metropolis(c.n_intermediate, c.step_size, c.n_inner, c.adapt_step_size, c.target_accept,
-                               c.step_adapt_factor, c.min_step_size, c.adapt_per_update, c.max_log_ratio)
+                               c.step_adapt_factor, c.min_step_size, c.adapt_per_update, c.max_log_ratio,
+                               c.stale_reference)
         self.ais = AnnealedImportanceSampler(
             self.flow, self.ais_target, trans, c.n_intermediate, c.alpha, project
         )

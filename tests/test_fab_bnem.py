@@ -292,3 +292,19 @@ def test_resume_is_exact(target_name: str) -> None:
     if target_name == "dw4-bnem":  # the plateau's val energies travel with the checkpoint (counted once)
         assert m2._ref_energy is not None and m._ref_energy is not None
         assert torch.equal(m2._ref_energy, m._ref_energy)
+
+
+def test_stale_reference_breaks_invariance_as_in_fab_torch() -> None:
+    """fab-torch compares every update with π at the transition's start: from exact N(0, 1) draws, one
+    transition of 10 unit-step updates inflates the variance (≈ 1.17); the exact kernel keeps it at 1."""
+    ev = _Evaluator(_FlatFlow(), _Gauss1D(0.0, 1.0), with_grad=False)
+    var = {}
+    for stale in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        kern = Metropolis(1, step_size=1.0, n_steps=10, min_step_size=1.0, stale_reference=stale)
+        s = kern.transition(ev(torch.randn(40_000, 1, generator=gen, dtype=torch.float64)), 0, 1.0, 1.0, ev,
+                            gen, None)
+        var[stale] = float(s.x.var())
+    assert var[False] == pytest.approx(1.0, abs=0.04)
+    assert var[True] > 1.1
+    assert FABConfig.for_target("dw4", **FABConfig.variant("bnem", "dw4")).stale_reference
