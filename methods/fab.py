@@ -252,7 +252,8 @@ class FABConfig(MethodConfig):
         },
         "bnem": {
             "description": "FAB as BNEM's code ran it for the BNEM poster's FAB rows (GMM-40 x-W2 3.828, "
-            "E-W2 64.23, TV 0.824; DW-4 0.614, 211.5, 0.359 under the bnem protocol, on dw4-bnem): an FFJORD "
+            "E-W2 64.23, TV 0.824; DW-4 0.614, 211.5, 0.359 under the bnem protocol; DW-4 most likely on the "
+            "once-counted energy, target dw4, see docs/fab.md): an FFJORD "
             "CNF (Hutchinson, 24 RK4 steps for log q, one for the AIS's draws) with BNEM's MLP (GMM-40, on "
             "x/50) or EGNN (DW-4) field, AIS with 5 intermediates x 10 random-walk Metropolis updates "
             "(ladder 5 -> 0.1 in flow units, adapted x/÷1.05 per update, each ratio against the transition's "
@@ -272,7 +273,8 @@ class FABConfig(MethodConfig):
                 # in those units; Metropolis steps 5 -> 0.1 in flow units = 250 -> 5 in ours
                 "gmm40": {**_BNEM_FAB, "cnf_coord_scale": 50.0, "base_scale": 1.0, "step_size": 250.0,
                           "min_step_size": 5.0},
-                # BNEM DW-4 (its doubled energy: target dw4-bnem): EGNN 3 x 128, MeanFreePrior scale
+                # BNEM DW-4 (FAB could run only before f632e13, i.e. on bgflow's once-counted energy: target
+                # dw4; the same settings apply to dw4-bnem): EGNN 3 x 128, MeanFreePrior scale
                 # sigma_max = 3; fab.yaml's ReduceLROnPlateau (the GMM experiment sets scheduler: null)
                 "dw4": {**_BNEM_FAB, "base_scale": 3.0, "lr_plateau": True},
             },
