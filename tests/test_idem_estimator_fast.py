@@ -208,3 +208,18 @@ def test_seeded_short_run_with_the_direct_estimator_swapped_in_is_unchanged(name
     ref_losses, ref_params = run()
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fast_params, ref_params, rtol=1e-4, atol=1e-6)
+
+
+def test_check_input_finiteness_gate_is_exact():
+    """The one-pass sum gate of ``check_input``: any NaN/inf raises (rows or planes), huge finite values whose
+    sum overflows do not."""
+    t = targets.get("dw4")
+    x = torch.randn(40, 8)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for layout in (x, x.t().contiguous().t()):
+            y = layout.clone() if layout.is_contiguous() else layout.t().clone().t()
+            y[17, 3] = bad
+            with pytest.raises(targets.NonFiniteInputError):
+                t.energy_and_grad(y)
+    big = torch.full((4, 8), 3e38)  # the sum overflows to inf; every entry is finite
+    assert t.check_input(big) is big
