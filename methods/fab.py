@@ -79,7 +79,7 @@ _BNEM_FAB = {
     # FFJORD: Hutchinson trace, log q over torch.linspace(0, 1, 25) = 24 RK4 steps; the AIS's flow draws
     # integrate one RK4 step (reverse_fn in training mode gets only the end points); vector field 3 x 128
     "flow": "cnf", "cnf_divergence": "hutchinson", "cnf_steps": 24, "cnf_sample_steps": 1, "hidden": 128,
-    "n_layers": 3,
+    "n_layers": 3, "cnf_rk": "3/8", "cnf_probe": "gaussian_fixed",
     # AIS towards p^2/q: 5 intermediates, 10 Metropolis updates each, ladder 5 -> 0.1 (flow units), each
     # update's step adapted x/÷1.05 towards mean acceptance probability 0.65 (fab-torch's set_eval_mode is
     # inverted, so tuning is on in every pass); float32 exp overflow rejects log ratios > 88.72
@@ -134,6 +134,8 @@ class FABConfig(MethodConfig):
     cnf_steps: int = 8  # RK4 steps of the continuous flow
     cnf_divergence: Literal["auto", "exact", "hutchinson"] = "auto"
     cnf_coord_scale: float = 1.0  # the CNF lives on x / cnf_coord_scale (BNEM GMM-40: 50)
+    cnf_rk: Literal["classic", "3/8"] = "classic"  # "3/8": torchdiffeq's rk4 (BNEM's FFJORD)
+    cnf_probe: Literal["rademacher", "gaussian_fixed"] = "rademacher"  # FFJORD: one N(0, I) probe per solve
     cnf_sample_steps: int | None = None  # RK4 steps of the AIS's flow draws only (None: cnf_steps; BNEM: 1)
     # False (fab@bnem): AIS proposals in the full n·d space and the CNF density not restricted to centred x
     # (BNEM's); the buffer points are centred before the loss, as BNEM's training step does
@@ -511,12 +513,13 @@ class FAB(Method):
         if not self.particles:  # BNEM's GMM-40 FAB: its MLP vector field (DEM MyMLP) on x / cnf_coord_scale
             mlp = TimeMLP(t.dim, hidden=c.hidden, n_blocks=c.n_layers)
             return EquivariantCNF(
-                mlp, None, t.dim, c.cnf_steps, c.base_scale, c.cnf_divergence, c.cnf_coord_scale
+                mlp, None, t.dim, c.cnf_steps, c.base_scale, c.cnf_divergence, c.cnf_coord_scale,
+                rk=c.cnf_rk, probe=c.cnf_probe,
             )
         field = EGNN(t.n_particles, t.spatial_dim, hidden=c.hidden, n_layers=c.n_layers)
         return EquivariantCNF(
             field, t.n_particles, t.spatial_dim, c.cnf_steps, c.base_scale, c.cnf_divergence,
-            c.cnf_coord_scale, c.centre_chains,
+            c.cnf_coord_scale, c.centre_chains, rk=c.cnf_rk, probe=c.cnf_probe,
         )
 
     # ------------------------------------------------------------------ training

@@ -281,6 +281,9 @@ class EquivariantCNF(nn.Module):
       density of BNEM's flow (its ``MeanFreePrior.log_prob`` does not centre) on uncentred AIS proposals.
     - ``sample_steps``: RK4 steps of the sampling integration (None: ``n_steps``). BNEM samples with one RK4
       step in training mode while its log q integrates 24; ``log_prob`` always uses ``n_steps``.
+    - ``rk="3/8"``: Kutta's 3/8-rule RK4 (torchdiffeq's ``rk4``) instead of the classic one.
+    - ``probe="gaussian_fixed"``: Hutchinson with one uncentred N(0, I) probe per integration (FFJORD's
+      ``before_odeint``) instead of a fresh centred Rademacher probe per field evaluation.
     """
 
     #: the log q returned with samples (forward integration) equals ``log_prob`` (backward integration) only
@@ -298,8 +301,14 @@ class EquivariantCNF(nn.Module):
         coord_scale: float = 1.0,
         centre: bool = True,
         sample_steps: int | None = None,
+        rk: str = "classic",
+        probe: str = "rademacher",
     ) -> None:
         super().__init__()
+        if rk not in ("classic", "3/8") or probe not in ("rademacher", "gaussian_fixed"):
+            raise ValueError(f"rk must be 'classic' or '3/8', probe 'rademacher' or 'gaussian_fixed'; got "
+                             f"{rk!r}, {probe!r}")
+        self.rk, self.probe = rk, probe
         if divergence not in ("exact", "hutchinson", "auto"):
             raise ValueError(f"divergence must be 'exact', 'hutchinson' or 'auto', got {divergence!r}")
         if n_steps < 1 or (sample_steps is not None and sample_steps < 1):
@@ -330,8 +339,11 @@ class EquivariantCNF(nn.Module):
         """Generator for the Hutchinson probes (default: torch's global generator)."""
         self._probe_gen = generator
 
-    def _v_and_div(self, t: float, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-        """v(t, x) [B, D] and its divergence [B]; the graph is kept when ``create_graph``."""
+    def _v_and_div(
+        self, t: float, x: Tensor, create_graph: bool, probe: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """v(t, x) [B, D] and its divergence [B]; the graph is kept when ``create_graph``. Hutchinson uses
+        ``probe`` if given (a probe fixed over one integration), else a fresh centred Rademacher probe."""
         with torch.enable_grad():
             xin = x if x.requires_grad else x.detach().requires_grad_(True)
             tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
@@ -344,6 +356,10 @@ class EquivariantCNF(nn.Module):
                         v[:, i].sum(), xin, create_graph=create_graph, retain_graph=True
                     )
                     div = div + g[:, i]
+            elif probe is not None:
+                eps = probe
+                (g,) = torch.autograd.grad((v * eps).sum(), xin, create_graph=create_graph, retain_graph=True)
+                div = (g * eps).sum(-1)
             else:
                 eps = (
                     torch.randint(0, 2, x.shape, generator=self._probe_gen, device=x.device).to(x.dtype) * 2
@@ -369,6 +385,19 @@ class EquivariantCNF(nn.Module):
         dt = h if forward else -h
         t = 0.0 if forward else 1.0
         acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        pr: Tensor | None = None
+        if self.probe == "gaussian_fixed" and not self.exact:  # FFJORD: one N(0, I) probe per integration
+            pr = torch.randn(x.shape, generator=self._probe_gen, dtype=x.dtype, device=x.device)
+        if self.rk == "3/8":  # torchdiffeq's "rk4" (rk4_alt_step_func), as BNEM's FFJORD integrates
+            for _ in range(steps):
+                k1, d1 = self._v_and_div(t, x, create_graph, pr)
+                k2, d2 = self._v_and_div(t + dt / 3, x + dt / 3 * k1, create_graph, pr)
+                k3, d3 = self._v_and_div(t + 2 * dt / 3, x + dt * (k2 - k1 / 3), create_graph, pr)
+                k4, d4 = self._v_and_div(t + dt, x + dt * (k1 - k2 + k3), create_graph, pr)
+                x = x + dt / 8 * (k1 + 3 * k2 + 3 * k3 + k4)
+                acc = acc + dt / 8 * (d1 + 3 * d2 + 3 * d3 + d4)
+                t = t + dt
+            return x, acc
         for _ in range(steps):
             k1, d1 = self._v_and_div(t, x, create_graph)
             k2, d2 = self._v_and_div(t + dt / 2, x + dt / 2 * k1, create_graph)
