@@ -102,7 +102,7 @@ def mc_score_estimate(
             else:
                 y = torch.addcmul(xs.unsqueeze(1), ss, es).view(c * K, D)
             e, g = energy_and_grad(y)
-            e, g = e.view(c, K), g.reshape(c, K, D)
+            e, g = e.reshape(c, K), g.reshape(c, K, D)
             # a sum is finite only if every term is: one reduction each decides the fast path
             if fast and bool(e.sum().isfinite()):
                 s = _weighted_sum(torch.softmax(e.neg(), dim=1), g)
