@@ -30,8 +30,10 @@ MAX_HIST_SAMPLES = 5000
 REFERENCE_LABEL = "reference (test)"
 REFERENCE_COLOR = "0.15"
 #: colour of each built-in method in every figure (tables.METHOD_ORDER); others get the next free colours
-_BASE_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-_EXTRA_PALETTE = ("#bcbd22", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
+#: one colour per built-in method (``harness.tables.METHOD_ORDER``, 10 methods: matplotlib's tab10)
+_BASE_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#bcbd22", "#7f7f7f",
+                 "#e377c2", "#17becf")
+_EXTRA_PALETTE = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e7969c", "#31a354")
 #: particle histograms: the x-range is the reference's 0.1–99.9 % quantile range widened by this fraction
 #: on each side; mass outside goes to the overflow bins at both ends (hatched, with its share in the legend)
 HIST_PAD = 0.25

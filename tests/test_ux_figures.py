@@ -72,8 +72,12 @@ def test_every_method_appears_in_every_histogram_with_its_colour(kept, tmp_path)
 
 
 def test_a_method_keeps_its_colour_across_figures(kept, tmp_path):
-    builtin = ("dds", "pis", "fab", "idem", "nem", "bnem", "mcmc", "pt")
-    assert len({figures.method_color(m) for m in builtin}) == 8
+    from harness.tables import METHOD_ORDER
+
+    builtin = ("dds", "pis", "fab", "idem", "nem", "bnem", "as", "asbs", "mcmc", "pt")
+    assert set(builtin) == set(METHOD_ORDER)
+    assert len({figures.method_color(m) for m in builtin}) == len(builtin)  # every method its own colour
+    assert not {figures.method_color(m) for m in builtin} & set(figures._EXTRA_PALETTE)
     assert figures.method_color("external:my-sampler") == figures.method_color("external:my-sampler")
     rows = []
     for m, base in (("idem", 2.0), ("mcmc", 1.0), ("pis", 3.0)):
