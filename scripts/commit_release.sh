@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-git add results/runs/cpu results/runs/equal-evals-cpu 2>/dev/null || true
+for g in cpu equal-evals-cpu; do
+  if [ -d "results/runs/$g" ]; then git add "results/runs/$g"; fi
+done
 if ! git diff --cached --quiet -- results/runs; then
   n=$(git diff --cached --name-only -- results/runs | grep -c record.json || true)
   git commit -q -m "results: ${n} finished release cell(s)" -- results/runs
