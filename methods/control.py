@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from methods.base import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN, Method, MethodConfig
 from methods.ema import EMA
+from methods.lr import plateau_update
 from methods.nets import EGNN, FourierTimeEmbedding, TimeMLP
 from methods.noise import GeometricNoiseSchedule, cosine_alpha
 
@@ -669,15 +670,12 @@ class ControlledDiffusionSampler(Method):
         multiplier: a check improves if value < best·(1 − 1e-4); after more than ``plateau_patience`` checks
         without improvement the lr is multiplied by ``plateau_factor`` and the count restarts."""
         cfg = self.config
-        if value < self.plateau_best * (1 - 1e-4):
-            self.plateau_best, self.plateau_bad = value, 0
-        else:
-            self.plateau_bad += 1
-        if self.plateau_bad > cfg.plateau_patience:
+        self.plateau_best, self.plateau_bad, reduce = plateau_update(
+            self.plateau_best, self.plateau_bad, value, cfg.plateau_patience)
+        if reduce:
             lr = self.learning_rate(self.steps_done)
             if lr - lr * cfg.plateau_factor > 1e-8:
                 self.lr_scale *= cfg.plateau_factor
-            self.plateau_bad = 0
 
     # -- Method interface
     def train_step(self) -> dict[str, float]:

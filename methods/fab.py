@@ -46,6 +46,7 @@ from methods.ais import HMC, AnnealedImportanceSampler, Metropolis, alpha_div_lo
 from methods.base import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Method, MethodConfig, Range
 from methods.eacf import AugmentedTarget, EACFFlow
 from methods.flows import EquivariantCNF, RealNVP
+from methods.lr import plateau_update
 from methods.prioritised_buffer import PrioritisedReplayBuffer
 from methods.registry import METHODS
 
@@ -717,13 +718,11 @@ class FAB(Method):
         m = self._val_energy_w2()
         self._last_val_e_w2 = m
         best, bad, factor = self.plateau
-        if math.isfinite(m) and m < best * (1.0 - 1e-4):
-            best, bad = m, 0.0
-        else:
-            bad += 1
-        if bad > c.plateau_patience:
-            factor, bad = factor * c.plateau_factor, 0.0
-        self.plateau = [best, bad, factor]
+        best, bad_n, reduce = plateau_update(best, int(bad), m if math.isfinite(m) else math.nan,
+                                             c.plateau_patience)
+        if reduce:
+            factor *= c.plateau_factor
+        self.plateau = [best, float(bad_n), factor]
 
     def _aux_term(self, aux: Tensor | None) -> Tensor | float:
         """``aux_loss_weight`` × the mean frame-barrier loss of the batch (0 without it)."""
