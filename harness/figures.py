@@ -30,7 +30,7 @@ MAX_HIST_SAMPLES = 5000
 REFERENCE_LABEL = "reference (test)"
 REFERENCE_COLOR = "0.15"
 #: colour of each built-in method in every figure (tables.METHOD_ORDER); others get the next free colours
-#: one colour per built-in method (``harness.tables.METHOD_ORDER``, 10 methods: matplotlib's tab10)
+#: one colour per built-in method (``harness.display.METHOD_ORDER``, 10 methods: matplotlib's tab10)
 _BASE_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#bcbd22", "#7f7f7f",
                  "#e377c2", "#17becf")
 _EXTRA_PALETTE = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e7969c", "#31a354")
@@ -41,7 +41,7 @@ HIST_BINS = 80
 
 
 def _display(kind: str, key: str) -> str:
-    from harness.tables import method_display, target_display
+    from harness.display import method_display, target_display
 
     return method_display(key) if kind == "method" else target_display(key)
 
@@ -49,7 +49,7 @@ def _display(kind: str, key: str) -> str:
 def method_color(key: str) -> str:
     """The fixed colour of a method (by its key; a variant ``m@x`` and external samplers get their own,
     stable across figures and runs)."""
-    from harness.tables import METHOD_ORDER
+    from harness.display import METHOD_ORDER
 
     if key in METHOD_ORDER:
         return _BASE_PALETTE[METHOD_ORDER.index(key) % len(_BASE_PALETTE)]
@@ -60,7 +60,7 @@ def method_color(key: str) -> str:
 
 def metric_label(metric: str, protocol: str | None = None) -> str:
     """Axis label of a metric: the tables' display name; E-W2 is a squared W2 under idem/bnem."""
-    from harness.tables import METRIC_LABELS
+    from harness.display import METRIC_LABELS
 
     label = METRIC_LABELS.get(metric, metric.replace("_", " "))
     if metric in ("e_w2", "dist_w2") and protocol in ("idem", "bnem"):
@@ -309,7 +309,7 @@ def write_figures(
 ) -> list[Path]:
     """All figures for every grid (and protocol, for the curves) in ``df``; returns the written paths.
     Figures that need data that are absent (no samples, no checkpoints) are skipped, never an error."""
-    from harness.tables import TABLE_METRICS
+    from harness.display import TABLE_METRICS
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

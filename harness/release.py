@@ -345,13 +345,13 @@ def _target_order(tgs: Sequence[str]) -> list[str]:
 
 
 def _target_name(t: str) -> str:
-    from harness.tables import target_display
+    from harness.display import target_display
 
     return target_display(t)
 
 
 def _method_name(m: str) -> str:
-    from harness.tables import method_display
+    from harness.display import method_display
 
     return method_display(m)
 

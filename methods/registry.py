@@ -1,6 +1,6 @@
 """The method registry. ``PLANNED`` lists every method the benchmark covers, registered or not yet."""
 
-from harness.registry import Registry
+from targets.registry import Registry
 
 METHODS: Registry = Registry("method")
 

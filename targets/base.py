@@ -146,13 +146,13 @@ class Target(ABC):
 
         ``source`` forces "published", "generated" or "exact" (default: the first available; see
         targets/reference.py)."""
-        from targets import reference as _ref
+        from targets import reference_data as _ref
 
         return _ref.load_reference(self, split, n, source)
 
     def reference_info(self, split: str = "test", source: str | None = None) -> dict[str, Any]:
         """Provenance of a reference split: source (published / generated / exact), file, sha256, ..."""
-        from targets import reference as _ref
+        from targets import reference_data as _ref
 
         return _ref.reference_info(self, split, source)
 
