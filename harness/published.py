@@ -62,7 +62,12 @@ def _poster() -> list[Published]:
         for (t, k), v in zip([(t, k) for t in ("gmm40", "dw4") for k in ("x_w2", "e_w2", "tv")], vals):
             note = "divergent training (*)" if v is None else ""
             if t == "dw4" and k == "e_w2" and v is not None:
-                note = "BNEM code's DW-4 energy is doubled (β = 2)"
+                # FAB cannot run on BNEM's per-particle (doubled) energies from f632e13 on, so its row most
+                # likely comes from the earlier code's once-counted DW-4 (docs/fab.md, "Which DW-4 energy")
+                note = (
+                    "most likely the once-counted DW-4 energy (BNEM's FAB cannot run on its doubled one)"
+                    if m == "fab" else "BNEM code's DW-4 energy is doubled (β = 2)"
+                )
             out.append(Published("bnem", m, t, k, v, None, BNEM_POSTER, note))
     return out
 
