@@ -1,22 +1,7 @@
-"""Reference samples: generating the project's own MCMC references (``python -m targets.reference``), their
-physics self-checks, and (re-exported from ``targets/reference_data.py``) locating and loading every source.
-
-Lookup for ``load_reference(target, split, n)`` (what ``Target.reference`` calls), first match wins:
-
-1. **published** splits of Klein et al. 2023 (as distributed with the iDEM code), e.g.
-   ``test_split_DW4.npy``, ``test_split_LJ13-1000.npy``, ``test_split_LJ55-1000-part1.npy``, searched in the
-   data directories: ``$BOLTZBENCH_DATA`` if set, else ``<repo>/data`` then ``<repo>/../shared/data``.
-   They are validated (2-D, ``dim`` columns, floating dtype, finite) and centred on load.
-2. **generated** references ``generated/<target>_<split>.npy`` + ``.json`` manifest in the same directories
-   (and always ``<repo>/data/generated``), written by ``python -m targets.reference --target lj13 --n 10000``.
-   On load the file's sha256, shape, target, split, passed self-checks and mean energy (recomputed with the
-   current energy code) are verified against the manifest.
-3. **exact** samples (GMM-40): drawn from the mixture with a fixed seed per split (``EXACT_SEEDS``), 10 000
-   rows for test/val and 100 000 for train; identical on every run and machine (CPU generator).
-
-Loaded arrays are cached in memory (keyed by file path, size and mtime); callers get a fresh float32 CPU
-tensor each time.
-"""
+"""Reference samples: generating the project's own MCMC references (``python -m targets.reference --target
+lj13 --n 10000``), their physics self-checks, and the manifest written beside each file. Finding, verifying
+and loading every source (published splits, exact GMM-40 samples, generated references) is
+``targets/reference_data.py``; its API is re-exported here."""
 
 from __future__ import annotations
 
