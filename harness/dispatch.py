@@ -35,8 +35,10 @@ from typing import Any
 import submitit
 
 from harness import checkpoint as ck
+from harness import covered
 from harness import job as hjob
 from harness import progress as pg
+from harness.grids import GRIDS
 from harness.job import (
     DONE_STATUSES,
     RECORD_NAME,
@@ -144,7 +146,8 @@ class CellJob(submitit.helpers.Checkpointable):
 @dataclass
 class CellState:
     spec: RunSpec
-    state: str  # new, interrupted, failed, timeout, guard-timeout, ok, diverged, running, mismatch
+    state: str  # new, interrupted, failed, timeout, guard-timeout, ok, diverged, running, mismatch,
+    # covered (the same run as a finished cell of the grid's cover_from grid: reused, not run)
     detail: str = ""
 
 
@@ -173,6 +176,12 @@ def cell_state(spec: RunSpec, root: str | Path) -> CellState:
         if ck_spec is not None and spec_key(ck_spec) != spec_key(spec):
             return CellState(spec, "mismatch", "checkpoint.pt was written for a different spec")
         return CellState(spec, "interrupted", "checkpoint without record: resumes")
+    grid = GRIDS.get(spec.grid)
+    src = covered.covering_record(spec, grid.cover_from if grid else None, root)
+    if src is not None:
+        used = int(src[1].usage.get("train_energy_evals", 0))
+        return CellState(spec, "covered", f"the same run as {src[1].spec.cell_id} ({src[1].status}, "
+                         f"{used:.3g} <= {spec.budget['energy_evals']:.3g} training evaluations)")
     return CellState(spec, "new")
 
 
@@ -188,7 +197,7 @@ class Plan:
     def to_run(self) -> list[CellState]:
         run = ("new", "interrupted", "failed", "timeout")
         if self.force:
-            run += ("ok", "diverged", "mismatch", "guard-timeout")
+            run += ("ok", "diverged", "mismatch", "guard-timeout", "covered")
         return [c for c in self.cells if c.state in run]
 
     def counts(self) -> dict[str, int]:
@@ -200,6 +209,25 @@ class Plan:
 
 def plan(specs: Sequence[RunSpec], root: str | Path, force: bool = False) -> Plan:
     return Plan([cell_state(s, root) for s in specs], force)
+
+
+def write_covered(cells: Sequence[CellState], root: str | Path) -> list[str]:
+    """Write the reused record of every ``covered`` cell (``harness.covered``); returns their cell ids.
+    A cell that has become busy or no longer qualifies is left alone (the next plan sees it again)."""
+    done = []
+    for c in cells:
+        if c.state != "covered":
+            continue
+        run_dir = c.spec.run_dir(root)
+        try:
+            with ck.CellLock(run_dir):
+                src = covered.covering_record(c.spec, GRIDS[c.spec.grid].cover_from, root)
+                if src is not None and not (run_dir / RECORD_NAME).exists():
+                    covered.write_covered(c.spec, src, root)
+                    done.append(c.spec.cell_id)
+        except ck.CellBusyError:
+            continue
+    return done
 
 
 def prepare(cell: CellState, root: str | Path, force: bool) -> bool:

@@ -20,8 +20,10 @@ equal-evals    all                    3         training energy evaluations: gmm
                                                 lj13 5.12e9, lj55 2.56e8 (1/10 of iDEM's own budget,
                                                 batch x K x steps), guard 12 h; same for every method
 equal-evals-   all                    3         ``cpu`` presets, one training energy-evaluation budget
-cpu                                             per target for every method (``EQUAL_EVALS_CPU``),
-                                                guard 1 h
+cpu                                             per target for every method (``EQUAL_EVALS_CPU``), at
+                                                most the ``cpu`` cell's steps (not MCMC / PT); a ``cpu``
+                                                run that stopped at its steps within the budget is reused
+                                                (``harness.covered``); guard 1 h
 =============  =====================  ========  ==============================================================
 
 Budgets are counted (steps or energy evaluations), so what a cell produces does not depend on the machine's
@@ -85,6 +87,13 @@ class Grid:
     metric_opts: dict[str, Any] = field(default_factory=dict)
     #: every cell must have a counted budget (steps / energy_evals) after the method's suggestion
     require_counted: bool = False
+    #: the step budget of this grid's methods in that grid (``cpu``) caps each cell's steps, except for
+    #: ``uncapped`` methods (MCMC, PT: they exist to spend the energy budget)
+    step_cap_grid: str | None = None
+    uncapped: tuple[str, ...] = ()
+    #: a cell whose run in that grid (same config, seed, step cap, evaluation points) stopped at its steps
+    #: within this cell's energy budget is that same run: its record is reused (``harness.covered``)
+    cover_from: str | None = None
 
     def default_budget(self, target: str) -> dict[str, Any]:
         return dict(self.budgets.get(target, self.budgets.get("*", {})))
@@ -174,6 +183,9 @@ GRIDS: dict[str, Grid] = {
             n_eval_samples=CPU_EVAL_SAMPLES,
             time_limit_min=80,
             require_counted=True,
+            step_cap_grid="cpu",
+            uncapped=("mcmc", "pt"),
+            cover_from="cpu",
         ),
     )
 }
@@ -429,6 +441,11 @@ def expand(
                 if suggested:
                     budget.update(suggested)
                     source = f"method ({budget_grid})"
+            if grid.step_cap_grid and methods_pkg.split_key(m)[0] not in grid.uncapped:
+                cap_steps = M.Config.suggested_budget(grid.step_cap_grid, t).get("steps")
+                if cap_steps is not None:  # at most E evaluations and at most the cpu cell's steps
+                    budget["steps"] = cap_steps
+                    source += f", steps capped at the {grid.step_cap_grid} cell's {cap_steps}"
             for k, cap in grid.caps.items():
                 if budget.get(k) is None or budget[k] > cap:
                     budget[k] = cap

@@ -120,6 +120,8 @@ class RunRecord:
     selection: dict[str, Any] = field(default_factory=dict)
     #: when and against which reference files (source, sha256) the evaluations were scored, per protocol
     scoring: dict[str, Any] = field(default_factory=dict)
+    #: set when the record is a finished run of another grid standing for this cell (harness.covered)
+    covered_by: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -190,6 +190,8 @@ def headline(df: pd.DataFrame) -> str:
         lines += ["| target | budget (training evaluations) | best neural sampler (E-W2) | best of MCMC / PT "
                   "(E-W2) | neural beats MCMC? |", "|---|---|---|---|---|"]
         lines += rows
+        lines += ["", "MCMC and PT spend the whole budget; a neural sampler spends at most it (it also "
+                  "stops at its `cpu` steps; docs/results.md)."]
     return "\n".join(lines) + "\n"
 
 

@@ -309,6 +309,10 @@ def _main(argv: list[str] | None = None, stream=None) -> int:
                      "config or seed changed); use --force to discard them or another --results directory")
     for c in pl.by_state("running"):
         print(f"  {c.spec.cell_id}: running elsewhere ({c.detail}); not started twice", file=out)
+    if not args.force:
+        for cell_id in dispatch.write_covered(pl.by_state("covered"), root):
+            print(f"  {cell_id}: reused the record of the same run in grid {ex.grid.cover_from} "
+                  "(harness.covered)", file=out)
     todo = pl.to_run
     if not todo:
         print("nothing to do: every cell is done or running; submitted 0 jobs", file=out)

@@ -87,8 +87,15 @@ def test_equal_evals_cpu_uses_cpu_presets_and_one_budget_per_target(toy_method, 
     ex = grids.expand("equal-evals-cpu", methods=["toy"])
     assert {s.target for s in ex.specs} == set(targets.names())
     for s in ex.specs:
-        assert s.budget == {"energy_evals": grids.EQUAL_EVALS_CPU[s.target], "guard_seconds": 3600.0}
+        # at most E evaluations and at most the toy's cpu step budget (the cap comes from the cpu grid)
+        cap = toy_method.Config.suggested_budget("cpu", s.target).get("steps")
+        assert cap is not None
+        assert s.budget == {"energy_evals": grids.EQUAL_EVALS_CPU[s.target], "guard_seconds": 3600.0,
+                            "steps": cap}
         assert s.config == {"batch_size": 8}
+    monkeypatch.setattr(toy_method.Config, "BUDGETS", {})  # no cpu step budget: E alone
+    for s in grids.expand("equal-evals-cpu", methods=["toy"]).specs:
+        assert s.budget == {"energy_evals": grids.EQUAL_EVALS_CPU[s.target], "guard_seconds": 3600.0}
 
 
 def test_selection_errors_name_the_valid_choices(toy_method):
