@@ -250,15 +250,21 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str, selection: str = "pap
     notes.insert(0, f"Evaluation shown: {SELECTION_RULES[rule]} (selection rule `{rule}`; the test split is "
                  "read only by the final scoring).")
     ext = fin["method"].map(is_external) if not fin.empty else None
-    if ext is not None and ext.any():  # external samplers are not grid cells: coverage counts the grid's
-        g_tgs, g_mts, _ = expected_cells(grid, sub[~sub["method"].map(is_external)])
-        coverage = coverage_line(fin[~ext], g_tgs, g_mts, reps)
-        n_ext = int(ext.sum())
-        coverage += f" Plus {n_ext} external sampler run{'s' if n_ext != 1 else ''} (not grid cells)."
-        notes.insert(-1, "`(external)`: a sampler scored from its saved samples with `python -m "
-                     "harness.score` (same protocol, sizes, reference splits and metric code as the built-in "
-                     "methods; no training budget counted unless self-reported); ranked with the built-in "
-                     "methods.")
+    var = fin["method"].map(lambda m: "@" in m and not is_external(m)) if not fin.empty else None
+    if ext is not None and (ext.any() or var.any()):  # external samplers and named variants are not grid
+        # cells: coverage counts the grid's own (method, target, seed) cells and names the others
+        extra = ext | var
+        g_tgs, g_mts, _ = expected_cells(grid, sub[~sub["method"].map(lambda m: is_external(m) or "@" in m)])
+        coverage = coverage_line(fin[~extra], g_tgs, g_mts, reps)
+        n_var, n_ext = int(var.sum()), int(ext.sum())
+        if n_var:
+            coverage += f" Plus {n_var} named-variant run{'s' if n_var != 1 else ''} (not grid cells)."
+        if n_ext:
+            coverage += f" Plus {n_ext} external sampler run{'s' if n_ext != 1 else ''} (not grid cells)."
+            notes.insert(-1, "`(external)`: a sampler scored from its saved samples with `python -m "
+                         "harness.score` (same protocol, sizes, reference splits and metric code as the "
+                         "built-in methods; no training budget counted unless self-reported); ranked with "
+                         "the built-in methods.")
     else:
         coverage = coverage_line(fin, tgs, mts, reps)
     return Table(

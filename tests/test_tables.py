@@ -145,3 +145,15 @@ def test_cost_cells_mean_over_usable_seeds():
     assert cost[("mcmc", "dw4")] == "2,000"  # (1000 + 3000) / 2; the failed run is excluded
     assert cost[("idem", "gmm40")] == "2.50e+07 (2.40e+07 grad)"
     assert cost[("idem", "dw4")] == tables.MISSING and cost[("mcmc", "gmm40")] == tables.MISSING
+
+
+def test_named_variant_runs_are_rows_but_not_grid_cells(tmp_path):
+    """A variant (``alpha@v``) is shown after its method but is not one of the grid's expected cells."""
+    standard_grid(tmp_path)
+    before = tables.make_table(load_records(tmp_path), GRID, "boltzbench")
+    make_record(tmp_path, "dw4", "alpha@v", 0, "ok", {"x_w2": 0.5, "e_w2": 0.5, "tv": 0.1})
+    tb = tables.make_table(load_records(tmp_path), GRID, "boltzbench")
+    assert tb.methods == ["alpha", "alpha@v", "beta", "gamma"]
+    assert tb.text[("alpha@v", "dw4", "x_w2")] == "0.5000 (1/2)"
+    assert tb.coverage.startswith(before.coverage)  # the grid's cells are counted as before
+    assert tb.coverage.endswith("Plus 1 named-variant run (not grid cells).")
