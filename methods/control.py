@@ -542,11 +542,14 @@ class ControlConfig(MethodConfig):
     }
     BUDGETS = {
         "smoke": {"*": {"steps": 3}},
-        # cpu: about 20 minutes of one core per cell (the records hold the measured times; docs/results.md)
+        # cpu: about 20 minutes of one core of training per cell. Measured CPU s per step at these presets
+        # (scripts/fab_step_times.py --method dds|pis, one thread, two cells sharing the 2 cores): DW-4
+        # DDS 2.19, PIS 1.76; LJ-13 DDS 2.89, PIS 2.82; LJ-55 DDS 8.17, PIS 6.74. The earlier 1500 / 600 /
+        # 300 steps took 44-55 / 29 / 34-41 CPU-minutes and could reach the 1 h guard on a loaded machine
         "cpu": {"gmm40": {"steps": 2000},
-                "dw4": {"steps": 1500},
-                "lj13": {"steps": 600},
-                "lj55": {"steps": 300}},
+                "dw4": {"steps": 600},
+                "lj13": {"steps": 400},
+                "lj55": {"steps": 150}},
         # the DEM / BNEM trainer: 100 optimiser steps per epoch × 1000 epochs (LJ-55: 2000 epochs)
         "paper": {"*": {"steps": 100_000}, "lj55": {"steps": 200_000}},
     }
