@@ -8,8 +8,11 @@ the record (the selected ones and the last: ``samples.npz``, ``eval_<k>.npz``) i
 given protocols (default all) with the same code path as the final scoring of a run
 (``harness.scoring.score_evaluations``): after a metric fix or a new reference file. The record's
 ``scoring`` block says when and against which reference files (source, file, sha256) each protocol scored
-it. Atomic (temp file + rename) and idempotent: a record whose scores and reference files are unchanged is
-not rewritten. Evaluations whose samples were not kept keep their stored scores (reported).
+it. A sampling-only method's record (MCMC, PT: ``Method.trains`` False) written before that rule had its
+selection taken from val like a trained model's; it is re-selected to the final evaluation, which needs no
+samples (the scores of every evaluation are in the record). Atomic (temp file + rename) and idempotent: a
+record whose scores, reference files and selection are unchanged is not rewritten. Evaluations whose
+samples were not kept keep their stored scores (reported).
 """
 
 from __future__ import annotations
@@ -51,12 +54,18 @@ def rescore_record(path: str | Path, protocols: Sequence[str] | None = None,
         return {"path": str(path), "changed": False, "scored": [], "missing": [], "unscorable": {}}
     plan = scoring.eval_plan(rec.spec, target)
     selection = rec.selection or scoring.select(evaluations)
+    if not scoring.method_trains(rec.spec.method):  # records written before sampling-only selection
+        selection = scoring.select(evaluations, trains=False)
     have = [k for k in range(len(evaluations)) if scoring.eval_samples_path(run_dir, evaluations, k)]
     missing = [k for k in range(len(evaluations)) if k not in have]
     protos = list(protocols) if protocols else list(scoring.SCORE_PROTOCOLS)
     new_scoring = scoring.score_evaluations(rec.spec, run_dir, target, evaluations, plan, selection, protos)
     merged = dict(rec.scoring or {})
     old_protocols = dict(merged.get("protocols") or {})
+    stored = {k: v for k, v in (rec.selection or {}).items() if k != "reselected_at"}
+    if stored and not scoring.method_trains(rec.spec.method) and _same(selection, stored):
+        selection = dict(rec.selection)  # already re-selected: keep its time stamp (idempotent)
+    reselected = not _same(selection, rec.selection)
     changed = not _same(evaluations, rec.evaluations)
     for p in protos:
         if not _same(old_protocols.get(p), new_scoring["protocols"].get(p)):
@@ -67,7 +76,12 @@ def rescore_record(path: str | Path, protocols: Sequence[str] | None = None,
             changed = True
         merged[k] = new_scoring[k]
     merged["protocols"] = old_protocols
+    if reselected and write and not changed:  # only the selection moved (no samples needed): keep the scoring
+        rec.selection = {**selection, "reselected_at": new_scoring["scored_at"]}
+        rec.write(path)
     if changed and write:
+        if reselected:
+            selection = {**selection, "reselected_at": new_scoring["scored_at"]}
         merged["scored_at"] = new_scoring["scored_at"]
         merged["rescored"] = {"at": new_scoring["scored_at"], "protocols": protos}
         rec.evaluations = evaluations
@@ -78,8 +92,9 @@ def rescore_record(path: str | Path, protocols: Sequence[str] | None = None,
         rec.schema_version = SCHEMA_VERSION
         rec.write(path)
     unscorable = {p: v["unscorable"] for p, v in new_scoring["protocols"].items() if "unscorable" in v}
-    return {"path": str(path), "changed": changed, "scored": have, "missing": missing,
-            "unscorable": unscorable}
+    return {"path": str(path), "changed": changed or reselected, "rescored": changed, "reselected": reselected,
+            "scored": have,
+            "missing": missing, "unscorable": unscorable}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAILED {p}: {type(e).__name__}: {e}", file=sys.stderr)
             continue
         n_changed += r["changed"]
-        what = "re-scored" if r["changed"] else "unchanged"
+        what = "re-scored" if r["rescored"] else "unchanged scores"
+        if r["reselected"]:
+            what += "; re-selected (sampling-only method: the final evaluation)"
         extra = f"; no saved samples for evaluations {r['missing']}" if r["missing"] else ""
         extra += "".join(f"; {q} unscorable: {why}" for q, why in r["unscorable"].items())
         print(f"{rec.spec.cell_id}: {what} ({len(r['scored'])} evaluations){extra}")

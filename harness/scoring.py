@@ -43,7 +43,7 @@ from harness import metrics
 from harness.records import PROTOCOL_RULE, RunSpec
 
 __all__ = ["PROTOCOL_RULE", "SELECTION_RULES", "EvalPlan", "UnscorableCellError", "check_scorable",
-           "eval_plan", "final_scoring", "score_evaluations", "select", "tidy_eval_samples"]
+           "eval_plan", "final_scoring", "method_trains", "score_evaluations", "select", "tidy_eval_samples"]
 
 SAMPLES_NAME = "samples.npz"
 #: every evaluation is scored under these
@@ -57,6 +57,9 @@ SELECTION_RULES: dict[str, str] = {
     "bnem": f"each run's evaluation at the point where early stopping on val-split E-W2 (patience "
     f"{BNEM_PATIENCE}, BNEM) stops it, else the final one",
 }
+#: stored in ``selection.note`` of a sampling-only method's record (``Method.trains`` False: MCMC, PT)
+NO_MODEL_NOTE = ("sampling-only method (no model to select): every rule takes the final evaluation, the "
+                 "chains' state at the end of the budget")
 
 
 class UnscorableCellError(ValueError):
@@ -120,6 +123,16 @@ def check_scorable(spec: RunSpec) -> str | None:
 # ============================================================================================ selection
 
 
+def method_trains(method: str) -> bool:
+    """``Method.trains`` of a registry key (``KEY@VARIANT`` too); unknown keys count as trained."""
+    import methods
+
+    try:
+        return bool(methods.get(method).trains)
+    except KeyError:
+        return True
+
+
 def _val(ev: dict[str, Any], key: str) -> float:
     v = (ev.get("val") or {}).get(key)
     try:
@@ -129,13 +142,18 @@ def _val(ev: dict[str, Any], key: str) -> float:
     return f if math.isfinite(f) else math.inf
 
 
-def select(evaluations: list[dict[str, Any]], patience: int = BNEM_PATIENCE) -> dict[str, Any]:
+def select(evaluations: list[dict[str, Any]], patience: int = BNEM_PATIENCE,
+           trains: bool = True) -> dict[str, Any]:
     """Indices of the evaluations each rule picks (``SELECTION_RULES``), from their val blocks only.
-    Evaluations without val metrics (old records, no reference) fall back to the last one."""
+    Evaluations without val metrics (old records, no reference) fall back to the last one; so does every
+    rule for a method that trains nothing (``trains=False``: MCMC, PT; see ``Method.trains``)."""
     n = len(evaluations)
     if n == 0:
         return {}
     last = n - 1
+    if not trains:
+        return {"index": {"last": last, "idem": last, "bnem": last}, "bnem_stopped_at": None,
+                "bnem_patience": patience, "rules": dict(SELECTION_RULES), "note": NO_MODEL_NOTE}
     have_val = any(math.isfinite(_val(e, "val_x_w2")) for e in evaluations)
     idem = min(range(n), key=lambda k: (_val(evaluations[k], "val_x_w2"), k)) if have_val else last
     # BNEM: EarlyStopping(mode=min, min_delta=0, patience): stop after `patience` checks without improvement
@@ -257,7 +275,7 @@ def final_scoring(
     spec: RunSpec, run_dir: Path, target: Any, evaluations: list[dict[str, Any]], plan: EvalPlan,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Select on val, then score every evaluation on test under every protocol: (selection, scoring)."""
-    selection = select(evaluations)
+    selection = select(evaluations, trains=method_trains(spec.method))
     scoring = score_evaluations(spec, run_dir, target, evaluations, plan, selection)
     return selection, scoring
 

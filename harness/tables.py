@@ -43,7 +43,7 @@ from harness.display import (  # noqa: F401  (re-exported: tables.METHOD_ORDER, 
 )
 from harness.published import published_for
 from harness.records import METRIC_PREFIX, PROTOCOL_RULE, SELECTION_RULE_NAMES, load_records
-from harness.scoring import SELECTION_RULES
+from harness.scoring import SELECTION_RULES, method_trains
 
 MISSING = "—"
 DIVERGED = "*"
@@ -548,7 +548,7 @@ def reproduction_rows(df: pd.DataFrame, grid: str | None, protocol: str,
                     if ours_vals and math.isfinite(pub) and pub != 0 else MISSING,
                     "seeds": len(ours_vals),
                     "grid": used_grid,
-                    "selection": rule,
+                    "selection": rule if method_trains(key) else "last (sampling-only)",
                     "source": p.source,
                     "note": note,
                 }
@@ -587,7 +587,8 @@ def render_reproduction(rows: list[dict[str, Any]], grid: str | None, protocol: 
             "Sources: " + "; ".join(sources) + ". Published numbers are copied from "
             "../shared/reference notes (harness/published.py); ours are means over seeds, under the "
             "same-named protocol, of the evaluation the Selection column's rule picks (on the val split; "
-            "`idem`: best val x-W2, `bnem`: val E-W2 early stopping, `last`: the final one); Grid says "
+            "`idem`: best val x-W2, `bnem`: val E-W2 early stopping, `last`: the final one; MCMC and PT "
+            "train no model, so every rule takes their final chain state); Grid says "
             "which records a cell comes from (`paper` where they exist, else `cpu`).",
         ]
         return "\n".join(out) + "\n"

@@ -260,6 +260,10 @@ class Method(ABC):
     name: ClassVar[str]
     display_name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
+    #: False for samplers that learn nothing (MCMC, PT): their evaluation k is the chains' state after k
+    #: steps, not a checkpoint of a model, so no selection rule applies — every rule takes the final state
+    #: (what the published MCMC numbers are), never a transient early state with a lucky val x-W2
+    trains: ClassVar[bool] = True
 
     def __init__(self, target: Any, config: MethodConfig, device: torch.device, generator: torch.Generator):
         if not isinstance(config, self.Config):

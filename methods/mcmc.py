@@ -191,6 +191,7 @@ class MCMC(Method):
 
     name = "mcmc"
     display_name = "MCMC"
+    trains = False  # chains, not a model: every selection rule takes the final state
     Config = MCMCConfig
 
     def __init__(self, target: Any, config: MCMCConfig, device: torch.device, generator: torch.Generator):
@@ -360,6 +361,7 @@ class ParallelTempering(Method):
 
     name = "pt"
     display_name = "PT"
+    trains = False  # chains, not a model: every selection rule takes the final state
     Config = PTConfig
 
     def __init__(self, target: Any, config: PTConfig, device: torch.device, generator: torch.Generator):

@@ -51,6 +51,37 @@ def test_non_finite_val_metrics_are_never_selected_and_no_val_falls_back_to_last
     assert scoring.select([{}, {}, {}])["index"] == {"last": 2, "idem": 2, "bnem": 2}
 
 
+def test_sampling_only_methods_take_the_final_evaluation_under_every_rule():
+    import methods
+
+    # a transient early chain state with a lucky val x-W2 is not a checkpoint: MCMC / PT take the last
+    sel = scoring.select(_evs([0.5, 3.0, 2.0], [0.1, 9.0, 9.0]), patience=1, trains=False)
+    assert sel["index"] == {"last": 2, "idem": 2, "bnem": 2} and "sampling-only" in sel["note"]
+    untrained = {m for m in methods.names() if not methods.get(m).trains}
+    assert untrained == {"mcmc", "pt"}
+    assert scoring.method_trains("pt") is False and scoring.method_trains("idem") is True
+
+
+def test_rescore_reselects_an_old_sampling_only_record_without_samples_idempotently(tmp_path):
+    evs = [{"fraction": (k + 1) / 3, "step": k + 1, "usage": {}, "val": {"val_x_w2": a, "val_e_w2": b},
+            "scores": {"idem": {"x_w2": a}}, "metrics": {}}
+           for k, (a, b) in enumerate([(0.5, 9.0), (3.0, 1.0), (2.0, 2.0)])]
+    spec = RunSpec(grid="g", target="gmm40", method="mcmc", replicate=0, seed=0)
+    old = scoring.select(evs)  # what records written before the rule hold: idem picked evaluation 0
+    assert old["index"]["idem"] == 0
+    path = spec.run_dir(tmp_path) / "record.json"
+    RunRecord(spec=spec, status="ok", evaluations=evs, selection=old).write(path)
+    r = rescore_record(path)
+    assert r["reselected"] is True and r["changed"] is True and r["missing"] == [0, 1, 2]
+    again = RunRecord.read(path)
+    assert again.selection["index"] == {"last": 2, "idem": 2, "bnem": 2}
+    assert "reselected_at" in again.selection
+    assert again.evaluations == evs  # the scores were not touched (no samples to re-score)
+    before = path.read_bytes()
+    r = rescore_record(path)
+    assert r["changed"] is False and r["reselected"] is False and path.read_bytes() == before
+
+
 # ------------------------------------------------------------------------------------------ a real run
 @pytest.fixture
 def scored_run(toy_method, tmp_path):
