@@ -12,7 +12,9 @@ runs. A training-step benchmark first runs ``WARMUP_STEPS`` steps untimed (initi
 adaptation), then times ``--bench-rounds`` single steps: methods with outer-loop work every few steps (buffer
 refresh, AIS) show it as spread between rounds, and the timing tables of real runs (``python -m
 harness.timing``, ``s / step``) give the amortised cost. A method whose warm-up step takes longer than
-``SLOW_STEP_S`` gets one timed round (paper-setting DDS / PIS / iDEM steps on a small CPU). Each training step
+``SLOW_STEP_S`` gets one timed round (paper-setting DDS / PIS / iDEM steps on a small CPU); DDS / PIS on
+particle targets skip the warm-up on CPU (``SLOW_NO_WARMUP_ON_CPU``). BNEM's 1000-sample draw is NEM's code at
+the same settings and is timed once, under NEM (``SHARED_SAMPLER``; checked at run time). Each training step
 benchmark records the peak resident memory over its timed steps (``extra_info["peak_rss_mb"]``, the whole
 process; ``cuda_peak_mb`` on CUDA). FAB: the warm-up fills its buffer with one AIS batch instead of
 ``buffer_min / batch_size`` (64 on DW-4), a one-off cost that bench_fab.py times per AIS pass.
@@ -35,6 +37,15 @@ CPU_DEFAULT_TARGETS = ("gmm40", "dw4")
 WARMUP_STEPS = 1
 N_SAMPLES = 1000
 SLOW_STEP_S = 10.0  # a warm-up step slower than this: one timed round instead of --bench-rounds
+#: on CPU a paper-setting step of these takes 40-60 s and has no one-off first-step work (no buffer, no AIS
+#: adaptation): no warm-up, one timed round (keeps `make bench` within 30 minutes on a 2-core CPU)
+SLOW_NO_WARMUP_ON_CPU = frozenset({("pis", "dw4"), ("dds", "dw4"), ("pis", "lj13"), ("dds", "lj13"),
+                                   ("pis", "lj55"), ("dds", "lj55")})
+#: a method that samples with another's code path at identical sampling settings is timed once, under the
+#: other: BNEM.sample is NEM.sample; only these (training-only) fields may differ between their configs
+SHARED_SAMPLER = {"bnem": ("nem", frozenset({
+    "bootstrap_switch", "bootstrap_mc", "boot_sigma_min", "boot_sigma_max", "bootstrap_start_step",
+    "switch_patience", "switch_check_steps", "n_mc", "lambda_eps", "t0_weight", "boot_variance"}))}
 
 
 def _chosen(
@@ -95,14 +106,15 @@ def test_train_step(
     method_name: str, target_name: str, bench_device: torch.device, timed: Any, benchmark: Any
 ) -> None:
     m = build(method_name, target_name, bench_device)
+    slow = bench_device.type == "cpu" and (method_name, target_name) in SLOW_NO_WARMUP_ON_CPU
     t0 = time.perf_counter()
-    for _ in range(WARMUP_STEPS):
+    for _ in range(0 if slow else WARMUP_STEPS):
         m.train_step()
     warm_s = time.perf_counter() - t0
     before = m.target.usage.energy_evals
     with peak_rss() as mem:  # peak resident memory over the timed steps
         logs = timed(m.train_step, pedantic=True, warmup_rounds=0,
-                     rounds=1 if warm_s / max(WARMUP_STEPS, 1) > SLOW_STEP_S else None)
+                     rounds=1 if slow or warm_s / max(WARMUP_STEPS, 1) > SLOW_STEP_S else None)
     assert isinstance(logs, dict)
     rounds = benchmark.stats.stats.rounds if getattr(benchmark, "stats", None) else 1
     benchmark.extra_info.update(
@@ -119,6 +131,17 @@ def test_train_step(
 def test_sample_1000(
     method_name: str, target_name: str, bench_device: torch.device, timed: Any, benchmark: Any
 ) -> None:
+    if method_name in SHARED_SAMPLER:
+        other, train_only = SHARED_SAMPLER[method_name]
+        M, O = methods.get(method_name), methods.get(other)
+        a = paper_config(method_name, target_name).to_dict()
+        b = paper_config(other, target_name).to_dict()
+        differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        if M.sample is O.sample and M._generate is O._generate and M.score_fn is O.score_fn \
+                and differ <= train_only:
+            pytest.skip(f"{method_name} samples with {other}'s code at the same settings (configs differ "
+                        f"only in training fields {sorted(differ)}): timed as "
+                        f"test_sample_1000[{target_name}-{other}]")
     m = build(method_name, target_name, bench_device)
     m.train_step()  # some methods need one step (buffers, flow initialisation) before sampling
     counted = m.target
