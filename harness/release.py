@@ -172,7 +172,8 @@ def headline(df: pd.DataFrame) -> str:
     lines = ["### Best method per target (`cpu` grid)", "",
              "Each cell: the method with the lowest mean over seeds under the protocol, at the evaluation "
              "that protocol's paper selects (`idem`: best val x-W2; `bnem`: val E-W2 early stopping; "
-             "`boltzbench`/`asbs`: last), ± the std over seeds, and the noise floor (reference val vs test "
+             "`boltzbench`/`asbs`: last; MCMC and PT, which train no model: always their final chain "
+             "state), ± the std over seeds, and the noise floor (reference val vs test "
              "at the same sample size). E-W2 is a squared W2 under `idem` and `bnem`.", "",
              "| target | protocol | x-W2 | E-W2 | TV |", "|---|---|---|---|---|"]
     tgs = sorted(set(df["target"])) if not df.empty else []
