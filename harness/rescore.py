@@ -51,7 +51,8 @@ def rescore_record(path: str | Path, protocols: Sequence[str] | None = None,
     target = targets.get(rec.spec.target)
     evaluations = copy.deepcopy(rec.evaluations)
     if not evaluations:
-        return {"path": str(path), "changed": False, "scored": [], "missing": [], "unscorable": {}}
+        return {"path": str(path), "changed": False, "rescored": False, "reselected": False, "scored": [],
+                "missing": [], "unscorable": {}}
     plan = scoring.eval_plan(rec.spec, target)
     selection = rec.selection or scoring.select(evaluations)
     if not scoring.method_trains(rec.spec.method):  # records written before sampling-only selection
@@ -92,9 +93,8 @@ def rescore_record(path: str | Path, protocols: Sequence[str] | None = None,
         rec.schema_version = SCHEMA_VERSION
         rec.write(path)
     unscorable = {p: v["unscorable"] for p, v in new_scoring["protocols"].items() if "unscorable" in v}
-    return {"path": str(path), "changed": changed or reselected, "rescored": changed, "reselected": reselected,
-            "scored": have,
-            "missing": missing, "unscorable": unscorable}
+    return {"path": str(path), "changed": changed or reselected, "rescored": changed,
+            "reselected": reselected, "scored": have, "missing": missing, "unscorable": unscorable}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
