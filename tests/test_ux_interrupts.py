@@ -88,6 +88,9 @@ def test_ctrl_c_in_a_terminal(tmp_path):
     if pid == 0:  # child: session leader with the pty as its controlling terminal
         try:
             os.chdir(REPO)
+            # a terminal user's Ctrl-C: SIGINT at its default even when pytest itself was started in the
+            # background (`make test &` ignores SIGINT, and an ignored signal stays ignored across exec)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, _cmd(results), _env())
         finally:
             os._exit(127)
