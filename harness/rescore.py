@@ -55,18 +55,19 @@ def rescore_record(path: str | Path, protocols: Sequence[str] | None = None,
                 "missing": [], "unscorable": {}}
     plan = scoring.eval_plan(rec.spec, target)
     selection = rec.selection or scoring.select(evaluations)
+    reselected = False
     if not scoring.method_trains(rec.spec.method):  # records written before sampling-only selection
-        selection = scoring.select(evaluations, trains=False)
+        fresh = scoring.select(evaluations, trains=False)
+        stored = {k: v for k, v in selection.items() if k != "reselected_at"}
+        reselected = not _same(fresh, stored)
+        if reselected:
+            selection = fresh
     have = [k for k in range(len(evaluations)) if scoring.eval_samples_path(run_dir, evaluations, k)]
     missing = [k for k in range(len(evaluations)) if k not in have]
     protos = list(protocols) if protocols else list(scoring.SCORE_PROTOCOLS)
     new_scoring = scoring.score_evaluations(rec.spec, run_dir, target, evaluations, plan, selection, protos)
     merged = dict(rec.scoring or {})
     old_protocols = dict(merged.get("protocols") or {})
-    stored = {k: v for k, v in (rec.selection or {}).items() if k != "reselected_at"}
-    if stored and not scoring.method_trains(rec.spec.method) and _same(selection, stored):
-        selection = dict(rec.selection)  # already re-selected: keep its time stamp (idempotent)
-    reselected = not _same(selection, rec.selection)
     changed = not _same(evaluations, rec.evaluations)
     for p in protos:
         if not _same(old_protocols.get(p), new_scoring["protocols"].get(p)):
@@ -77,20 +78,18 @@ def rescore_record(path: str | Path, protocols: Sequence[str] | None = None,
             changed = True
         merged[k] = new_scoring[k]
     merged["protocols"] = old_protocols
-    if reselected and write and not changed:  # only the selection moved (no samples needed): keep the scoring
+    if reselected and write:  # needs no samples: the scores of every evaluation are in the record
         rec.selection = {**selection, "reselected_at": new_scoring["scored_at"]}
-        rec.write(path)
     if changed and write:
-        if reselected:
-            selection = {**selection, "reselected_at": new_scoring["scored_at"]}
         merged["scored_at"] = new_scoring["scored_at"]
         merged["rescored"] = {"at": new_scoring["scored_at"], "protocols": protos}
         rec.evaluations = evaluations
         rec.scoring = merged
-        rec.selection = selection
+        rec.selection = rec.selection or selection  # schema-1 records gain theirs
         if "error" not in (rec.reference or {}):
             rec.reference = {**new_scoring["test_reference"], "splits": new_scoring["splits"]}
         rec.schema_version = SCHEMA_VERSION
+    if (changed or reselected) and write:
         rec.write(path)
     unscorable = {p: v["unscorable"] for p, v in new_scoring["protocols"].items() if "unscorable" in v}
     return {"path": str(path), "changed": changed or reselected, "rescored": changed,
