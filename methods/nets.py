@@ -139,9 +139,17 @@ class TimeMLP(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ EGNN
 # Pair rows (configurations × ordered pairs) processed at once by the edge kernels: the [rows, hidden] pair
-# tensors of one chunk (4 MiB at 8192 × 128 float32) stay in cache between the elementwise passes and the
-# two matmuls, instead of streaming [B, n, n, hidden] tensors through memory (measured in tests/bench).
-EDGE_CHUNK_ROWS = 8192
+# tensors of one chunk (1 MiB at 2048 × 128 float32, one core's L2 on the reference VM) stay in cache between
+# the elementwise passes and the two matmuls, instead of streaming [B, n, n, hidden] tensors through memory.
+# Measured (docs/timing.md, idle 2-core VM, LJ-13 5 × 128, 1000 samples, no grad): 2048 rows 0.65 s, 4096
+# 0.65 s, 8192 0.74 s, 1024 0.69 s; LJ-55 and training agree within a few per cent.
+EDGE_CHUNK_ROWS = 2048
+# Below this many pair rows (B · n(n−1)) a differentiated forward records the plain autograd graph (pair
+# activations stored, ~8 [rows, hidden] tensors per layer: ≤ 100 MB per layer at hidden 128) instead of
+# the recomputing Function: at small batches the recomputation and the per-chunk Python cost more than the
+# memory saves (DW-4 training at 128 / 512 / 1000 configurations and LJ-13 at 64 / 128 measured 1.1–1.9×
+# faster plain; LJ-13 at 256 is the crossover, at 512 the Function is 2.1× faster; docs/timing.md).
+STORE_MAX_ROWS = 24576
 # with k > 1 torch threads on a CPU, chunks are spread over k worker threads (see _map_chunks)
 PARALLEL_CHUNKS = True
 N_EDGE_INPUTS = 12  # tensor inputs of _EdgeAggregate: A, Bm, diff, e0 and the eight _EdgeWeights
@@ -201,13 +209,15 @@ def _edge_forward_chunk(
     P = C * n * (n - 1)
     a = F.silu(_pre_activation(A, Bm, r, e0, w, spec.jidx), inplace=True).view(P, H)
     m = F.silu(torch.addmm(w.b2, a, w.W2.t()), inplace=True)
-    y = m @ w.Wc.t()
     if spec.attention:
-        s = torch.sigmoid(y[:, H] + w.batt)
-        q = torch.addcmul(w.bc, y[:, :H], s.unsqueeze(-1))
+        # an H-wide GEMM and a matrix-vector product for the gate: MKL's (H+1)-wide GEMM measured 3-9 %
+        # slower in the whole LJ-13 forward (docs/timing.md)
+        y = m @ w.Wc[:H].t()
+        s = torch.sigmoid(torch.addmv(w.batt, m, w.Wc[H]))
+        q = y.mul_(s.unsqueeze(-1)).add_(w.bc)
     else:
         s = None
-        q = y.add_(w.bc)
+        q = (m @ w.Wc.t()).add_(w.bc)
     o = F.silu(q, inplace=True) @ w.wc2
     phi = torch.tanh(o).mul_(spec.coords_range) if spec.tanh else o
     coef = phi.view(C * n, 1, n - 1) / (torch.sqrt(r + 1e-8) + 1.0).view(C * n, 1, n - 1)
@@ -319,7 +329,9 @@ def _chunk_configs(B: int, n: int, x: Tensor) -> int:
     c = max(1, EDGE_CHUNK_ROWS // (n * (n - 1)))
     k = torch.get_num_threads()
     if PARALLEL_CHUNKS and k > 1:
-        c = min(c, max(1, -(-B // k)))
+        # a multiple of k chunks of near-equal size, so that no worker waits for another's extra chunk
+        m = -(-max(1, -(-B // c)) // k) * k
+        c = max(1, -(-B // m))
     return c
 
 
@@ -508,7 +520,8 @@ class EGCL(nn.Module):
       one matmul per pair serves both; Σ_j s_ij m_ij is a batched matrix product;
     - pairs are processed in cache-sized chunks of configurations (``EDGE_CHUNK_ROWS``); without autograd
       activations are updated in place; with autograd a custom Function stores no pair activations and
-      recomputes them chunk by chunk in backward (see ``_EdgeAggregate``).
+      recomputes them chunk by chunk in backward (see ``_EdgeAggregate``), except for small batches
+      (``STORE_MAX_ROWS`` pair rows or fewer), where the plain graph with stored activations is faster.
     """
 
     def __init__(self, hidden: int, attention: bool = True, tanh: bool = True, coords_range: float = 1.0,
@@ -552,7 +565,7 @@ class EGCL(nn.Module):
         w = self.edge_weights()
         tracked = (A, Bm, diff, edge_attr, *(p for p in w if p is not None))
         if torch.is_grad_enabled() and any(v.requires_grad for v in tracked):
-            if getattr(_MODE, "stored", False):
+            if getattr(_MODE, "stored", False) or B * n * (n - 1) <= STORE_MAX_ROWS:
                 agg_x, agg_h = _edge_forward_plain(A, Bm, diff, edge_attr, w, spec)
             else:
                 agg_x, agg_h = _EdgeAggregate.apply(A, Bm, diff, edge_attr, *w, spec)

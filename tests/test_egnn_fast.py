@@ -43,6 +43,14 @@ def _inputs(n, d, dtype, B=6, seed=1):
     return (torch.rand(B, generator=g, dtype=dtype), 1.3 * torch.randn(B, n * d, generator=g, dtype=dtype))
 
 
+@pytest.fixture(params=["function", "stored"])
+def edge_path(request, monkeypatch):
+    """Differentiated forwards through the recomputing Function (pair rows above ``STORE_MAX_ROWS``, the
+    large-batch path) or the plain graph with stored activations (small batches)."""
+    monkeypatch.setattr(nets, "STORE_MAX_ROWS", 0 if request.param == "function" else 10**9)
+    return request.param
+
+
 def _tol(dtype):
     return {"atol": 1e-11, "rtol": 1e-9} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
 
@@ -78,7 +86,7 @@ def _grads(fn, net, t, x, wv, wh):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_gradients_equal_edge_list(case, dtype):
+def test_gradients_equal_edge_list(case, dtype, edge_path):
     net = _net(*case, dtype)
     ref = EdgeListEGNN(net)
     t, x = _inputs(case[0], case[1], dtype)
@@ -95,7 +103,7 @@ def test_gradients_equal_edge_list(case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES[:3])
-def test_second_order_gradients_equal_edge_list(case):
+def test_second_order_gradients_equal_edge_list(case, edge_path):
     """Energy-network training differentiates a score −∇_x E_θ w.r.t. θ (create_graph)."""
     dtype = torch.float64
     net = _net(*case, dtype)
@@ -142,6 +150,7 @@ def test_edge_function_gradcheck():
 
 
 def test_chunking_does_not_change_results(monkeypatch):
+    monkeypatch.setattr(nets, "STORE_MAX_ROWS", 0)  # the chunked Function path
     net = _net(5, 3, 2, 1, True, "sum", True, torch.float64)
     t, x = _inputs(5, 3, torch.float64, B=7)
     outs = []
@@ -171,11 +180,7 @@ def test_state_dict_layout_is_the_straightforward_layers():
     assert net.layers[0].edge_in.weight.shape == (8, 2 * 8 + 2)
 
 
-def test_training_keeps_no_pair_activations():
-    """The autograd path stores node-sized tensors only: the saved activations of a forward grow with B·n·H
-    (and B·n²·d for the pair differences), not with B·n²·H."""
-    net = EGNN(13, 3, hidden=64, n_layers=2)
-    t, x = _inputs(13, 3, torch.float32, B=32)
+def _saved_sizes(net, t, x):
     sizes = []
 
     def pack(v):
@@ -184,5 +189,18 @@ def test_training_keeps_no_pair_activations():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
         net(t, x.requires_grad_(True)).sum()
-    pair_hidden = 32 * 13 * 12 * 64
-    assert max(sizes) < pair_hidden / 4
+    return sizes
+
+
+def test_training_keeps_no_pair_activations():
+    """Above ``STORE_MAX_ROWS`` pair rows the autograd path stores node-sized tensors only: the saved
+    activations of a forward grow with B·n·H (and B·n²·d for the pair differences), not with B·n²·H; at or
+    below it the plain graph stores the pair activations (faster at small batches)."""
+    net = EGNN(13, 3, hidden=64, n_layers=2)
+    B = nets.STORE_MAX_ROWS // (13 * 12) + 1  # the smallest batch above the threshold
+    t, x = _inputs(13, 3, torch.float32, B=B)
+    pair_hidden = B * 13 * 12 * 64
+    assert max(_saved_sizes(net, t, x)) < pair_hidden / 4
+    B = nets.STORE_MAX_ROWS // (13 * 12)  # the largest batch at or below it
+    t, x = _inputs(13, 3, torch.float32, B=B)
+    assert max(_saved_sizes(net, t, x)) >= B * 13 * 12 * 64
