@@ -160,8 +160,8 @@ class _EdgeWeights(NamedTuple):
 
     w_r, w_e [H]: columns of the first edge Linear acting on |x_i − x_j|² and on the input distance;
     W2 [H, H], b2 [H]: second edge Linear; Wc [H(+1), H]: the coordinate MLP's first Linear with the attention
-    Linear stacked under it (one matmul gives both); bc [H]; batt [1] (None without attention); wc2 [H]:
-    the coordinate MLP's last Linear.
+    Linear stacked under it (the backward's one matmul gives both; the no-grad forward splits row H off);
+    bc [H]; batt [1] (None without attention); wc2 [H]: the coordinate MLP's last Linear.
     """
 
     w_r: Tensor
@@ -330,8 +330,9 @@ def _chunk_configs(B: int, n: int, x: Tensor) -> int:
     k = torch.get_num_threads()
     if PARALLEL_CHUNKS and k > 1:
         # a multiple of k chunks of near-equal size, so that no worker waits for another's extra chunk
-        m = -(-max(1, -(-B // c)) // k) * k
-        c = max(1, -(-B // m))
+        n_chunks = max(1, -(-B // c))  # chunks of at most c configurations
+        n_chunks = k * -(-n_chunks // k)  # rounded up to a multiple of k
+        c = max(1, -(-B // n_chunks))
     return c
 
 
@@ -516,8 +517,9 @@ class EGCL(nn.Module):
 
     - the first edge Linear is applied per node, W1[h_i; h_j; r; a] = (W_a h_i + b) + W_b h_j + w_r r + w_e a,
       and broadcast over the n(n−1) off-diagonal pairs (no [B, n, n, 2H + 2] concatenation, no self-edges);
-    - the attention Linear is stacked under the coordinate MLP's first Linear, and W_c(s·m) = s·(W_c m), so
-      one matmul per pair serves both; Σ_j s_ij m_ij is a batched matrix product;
+    - W_c(s·m) = s·(W_c m), so the coordinate MLP's first Linear acts on m once per pair; with autograd the
+      attention Linear is stacked under it (one matmul serves both), without autograd the gate is a
+      matrix-vector product beside an H-wide matmul; Σ_j s_ij m_ij is a batched matrix product;
     - pairs are processed in cache-sized chunks of configurations (``EDGE_CHUNK_ROWS``); without autograd
       activations are updated in place; with autograd a custom Function stores no pair activations and
       recomputes them chunk by chunk in backward (see ``_EdgeAggregate``), except for small batches
