@@ -283,3 +283,16 @@ def load_records(root: str | Path = "results/runs", strict: bool = False) -> Any
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=cols)
     df.attrs["skipped"] = skipped
     return df
+
+
+def protocol_rows(df: Any, protocol: str) -> Any:
+    """The rows of ``df`` (``load_records``) under ``protocol``, plus one row per run that has no evaluation
+    at all (``checkpoint`` -1: e.g. diverged at step 1), relabelled to ``protocol``: such a run has no metric
+    under any protocol, but every protocol's table must still count it (as diverged, not as missing)."""
+    if df.empty:
+        return df
+    own = df["protocol"] == protocol
+    bare = (df["checkpoint"] == -1) & ~own
+    out = df[own | bare].copy()
+    out.loc[bare[own | bare], "protocol"] = protocol
+    return out

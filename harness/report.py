@@ -40,8 +40,9 @@ nav a { margin-right: 1em; }
 
 
 def _inline(text: str) -> str:
-    """Escape, then ``code``, **bold** and [links](url)."""
+    """Escape, then ``code``, **bold**, <u>underline</u> (the tables' second best) and [links](url)."""
     out = html.escape(text, quote=False)
+    out = re.sub(r"&lt;u&gt;(.*?)&lt;/u&gt;", r"<u>\1</u>", out)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
     return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', out)

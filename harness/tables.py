@@ -42,7 +42,7 @@ from harness.display import (  # noqa: F401  (re-exported: tables.METHOD_ORDER, 
     target_display,
 )
 from harness.published import published_for
-from harness.records import METRIC_PREFIX, PROTOCOL_RULE, SELECTION_RULE_NAMES, load_records
+from harness.records import METRIC_PREFIX, PROTOCOL_RULE, SELECTION_RULE_NAMES, load_records, protocol_rows
 from harness.scoring import SELECTION_RULES, method_trains
 
 MISSING = "—"
@@ -234,7 +234,7 @@ def make_table(df: pd.DataFrame, grid: str, protocol: str, selection: str = "pap
     """Aggregate the records of (grid, protocol) into a Table (ranks, coverage, footnotes), showing the
     evaluation of each run that ``selection`` picks (``SELECTIONS``)."""
     rule = selection_rule(selection, protocol)
-    sub = df[(df["grid"] == grid) & (df["protocol"] == protocol)] if not df.empty else df
+    sub = protocol_rows(df[df["grid"] == grid], protocol) if not df.empty else df
     tgs, mts, reps = expected_cells(grid, sub)
     fin = final_rows(sub, rule)
     cells = build_cells(fin, protocol, tgs, mts, reps)
@@ -500,7 +500,7 @@ def reproduction_rows(df: pd.DataFrame, grid: str | None, protocol: str,
     Variant column). ``grid`` None: each cell from the first of ``REPRODUCTION_GRIDS`` that has records of
     it (the row says which)."""
     rule = selection_rule(selection, protocol)
-    sub = final_rows(df[df["protocol"] == protocol], rule) if not df.empty else df
+    sub = final_rows(protocol_rows(df, protocol), rule) if not df.empty else df
     rows = []
     for p in published_for(protocol):
         for key, tkey in _repro_keys(sub, p):

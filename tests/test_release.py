@@ -91,12 +91,13 @@ def test_other_grids_are_not_part_of_the_release(records, tmp_path, toy_method, 
 
 
 def test_markdown_subset_renders_tables_lists_and_images():
-    md = ("# Head\n\n| a | b |\n|---|---|\n| `x` | **1** |\n\n1. first\n2. second\n\n"
+    md = ("# Head\n\n| a | b |\n|---|---|\n| `x` | **1** |\n| <u>2.5</u> | <b> |\n\n1. first\n2. second\n\n"
           "![fig](../figures/f.png)\n\ntext with [link](u.html) & <tag>\n")
     h = report.markdown_to_html(md, image_prefix="figures/")
     assert "<h2>Head</h2>" in h
     assert "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody>" in h
     assert "<td><code>x</code></td><td><strong>1</strong></td>" in h
+    assert "<td><u>2.5</u></td><td>&lt;b&gt;</td>" in h  # the tables' second best underlined; other tags text
     assert "<ol><li>first</li><li>second</li></ol>" in h
     assert '<img src="figures/f.png" alt="fig">' in h
     assert '<a href="u.html">link</a> &amp; &lt;tag&gt;' in h

@@ -157,3 +157,16 @@ def test_named_variant_runs_are_rows_but_not_grid_cells(tmp_path):
     assert tb.text[("alpha@v", "dw4", "x_w2")] == "0.5000 (1/2)"
     assert tb.coverage.startswith(before.coverage)  # the grid's cells are counted as before
     assert tb.coverage.endswith("Plus 1 named-variant run (not grid cells).")
+
+
+def test_run_without_evaluations_counts_as_diverged_under_every_protocol(tmp_path):
+    """A run that diverged before its first evaluation (a record with no metrics, written under its own
+    protocol) is a diverged cell in every protocol's table, not a missing one."""
+    make_record(tmp_path, "dw4", "alpha", 0, "ok", {"x_w2": 1.0, "e_w2": 0.1, "tv": 0.1}, protocol="idem")
+    make_record(tmp_path, "dw4", "beta", 0, "diverged", None, protocol="boltzbench")
+    df = load_records(tmp_path)
+    for protocol in ("idem", "boltzbench"):
+        tb = tables.make_table(df, GRID, protocol)
+        assert tb.text[("beta", "dw4", "x_w2")] == tables.DIVERGED, protocol
+        assert "1 diverged" in tb.coverage, (protocol, tb.coverage)
+    assert list(df["protocol"]).count("boltzbench") == 1  # load_records itself is unchanged
