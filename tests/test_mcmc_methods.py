@@ -176,3 +176,29 @@ def test_cpu_preset_quality():
         ref = gmm.sample(1000, torch.Generator().manual_seed(1000 + r)).double().numpy()
         w.append(math.sqrt(ot.emd2([], [], ot.dist(m.sample(1000).double().numpy(), ref), numItermax=10**7)))
     assert np.mean(w) <= 5.0, w
+
+
+@pytest.mark.parametrize("grid", ["cpu", "equal-evals-cpu"])
+def test_release_presets_leave_a_main_phase_and_enough_chains(grid):
+    """Every MCMC / PT cell of the release grids runs past its warm-up (MCMC's tempered levels, PT's
+    step-size burn-in) and has at least as many chains at T = 1 as samples it is scored with. Steps are the
+    cell's step budget, or its energy budget over the evaluations per step (chains; replicas × temperatures).
+    The LJ-55 presets before the fix (5000 chains × 3000 steps = exactly the warm-up; equal-evals: 396 steps)
+    fail this."""
+    from harness import grids
+
+    for spec in grids.expand(grid, methods=["mcmc", "pt"]).specs:
+        if spec.method == "mcmc":
+            cfg = MCMCConfig.for_target(spec.target, **spec.config)
+            warm = cfg.warmup_levels * cfg.warmup_steps_per_level
+            per_step, chains = cfg.n_chains, cfg.n_chains
+        else:
+            cfg = PTConfig.for_target(spec.target, **spec.config)
+            per_step, chains, warm = cfg.n_replicas * cfg.n_temps, cfg.n_replicas, cfg.burnin_steps
+        caps = [spec.budget[k] for k in ("steps",) if spec.budget.get(k)]
+        if spec.budget.get("energy_evals"):
+            caps.append(spec.budget["energy_evals"] // per_step)
+        steps = min(caps)
+        assert steps >= 2 * warm, (spec.cell_id, steps, warm)
+        n_scored = spec.n_eval_samples or 5000
+        assert chains >= n_scored, (spec.cell_id, chains, n_scored)
