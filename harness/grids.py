@@ -333,6 +333,18 @@ def typed_method_overrides(method_cls: Any, raw: dict[str, str]) -> dict[str, An
     return out
 
 
+def config_overrides(method_cls: Any, items: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-3", "hidden=64"]`` (the scripts' ``--set``) -> values typed by the method's Config fields;
+    a malformed item or unknown key raises ``ValueError`` naming what is valid."""
+    raw: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"malformed override {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        raw[k.strip()] = v
+    return typed_method_overrides(method_cls, raw)
+
+
 def typed_budget_overrides(raw: dict[str, str]) -> dict[str, Any]:
     hints = {"energy_evals": int | None, "wall_seconds": float | None, "steps": int | None,
              "guard_seconds": float | None}

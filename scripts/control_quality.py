@@ -2,7 +2,7 @@
 
     python scripts/control_quality.py pis --steps 4000 --eval-every 1000 [--set lr=0.002 ...]
 
-Config: the published GMM-40 settings, the ``--preset`` (default ``cpu``), ``--set key=json`` overrides.
+Config: the published GMM-40 settings, the ``--preset`` (default ``cpu``), ``--set key=value`` overrides (typed by the Config fields).
 Every ``--eval-every`` steps it draws three batches of 1000 samples and prints one ``EVAL {json}`` line: per
 batch the BNEM-protocol x-W2 and E-W2 (``harness.metrics.evaluate(..., protocol="bnem")``; that protocol
 scores both against the **val** split, as BNEM's test loop does, so every batch meets the same first 1000 val
@@ -23,6 +23,7 @@ import torch
 
 import targets
 from harness.budget import CountingTarget
+from harness.grids import config_overrides
 from harness.metrics import evaluate
 from methods import METHODS
 
@@ -41,9 +42,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     M = METHODS.get(a.method)
     over = M.Config.preset(a.preset, "gmm40")
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        over[k] = json.loads(v)
+    over.update(config_overrides(M, a.set))
     tgt = targets.get("gmm40")
     ct = CountingTarget(tgt)
     cfg = M.Config.for_target("gmm40", **over)

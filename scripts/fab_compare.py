@@ -22,17 +22,18 @@ import torch
 import methods
 import targets
 from harness.budget import CountingTarget
+from harness.grids import config_overrides
 from harness.metrics import evaluate
 
 
 def run(method: str, target: str, grid: str, evals: list[float], n: int, seed: int,
-        extra: dict | None = None) -> list[dict]:
+        extra: list[str] | None = None) -> list[dict]:
     """Train ``method`` until the last of ``evals`` CPU seconds; one scored row per evaluation time."""
     M = methods.get(method)
     variant = methods.split_key(method)[1]
     over = dict(M.Config.variant(variant, target)) if variant else {}
     over.update(M.Config.preset(grid, target))
-    over.update(extra or {})
+    over.update(config_overrides(M, extra))
     cfg = M.Config.for_target(target, **over)
     t = targets.get(target)
     ct = CountingTarget(t)
@@ -50,7 +51,7 @@ def run(method: str, target: str, grid: str, evals: list[float], n: int, seed: i
                 x = m.sample(n)
             met = evaluate(x, ref, t, "boltzbench", n_boot=0, n_boot_ot=0, noise_floor=False, n_aligned=0)
             d = m.diagnostics()
-            row = {"method": method, "set": extra or {}, "cpu_s": round(cpu, 1), "steps": steps,
+            row = {"method": method, "set": extra or [], "cpu_s": round(cpu, 1), "steps": steps,
                    "s_per_step": round(cpu / steps, 3),
                    **{k: round(float(met[k]), 4) for k in ("e_w2", "x_w2", "tv", "dist_w2") if k in met},
                    **{k: round(float(v), 4) for k, v in d.items() if k in (
@@ -71,21 +72,14 @@ def main() -> None:
     ap.add_argument("--evals", type=float, nargs="*", default=None, help="CPU times to score at")
     ap.add_argument("--n", type=int, default=5000, help="samples scored (boltzbench: 5000)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (JSON) for every method")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (typed by the Config fields) for every method")
     a = ap.parse_args()
-    extra = {}
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        try:
-            extra[k] = json.loads(v)
-        except json.JSONDecodeError:
-            extra[k] = v
     torch.set_num_threads(1)
     evals = a.evals or [a.budget]
     t = targets.get(a.target)
     print("reference mean energy (test):", round(float(t.energy(t.reference("test").double()).mean()), 3))
     for m in a.methods:
-        run(m, a.target, a.grid, [e for e in evals if e <= a.budget], a.n, a.seed, extra)
+        run(m, a.target, a.grid, [e for e in evals if e <= a.budget], a.n, a.seed, a.set)
 
 
 if __name__ == "__main__":

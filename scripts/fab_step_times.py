@@ -20,6 +20,7 @@ import torch
 import methods
 import targets
 from harness.budget import CountingTarget
+from harness.grids import config_overrides
 
 
 def main() -> None:
@@ -28,22 +29,15 @@ def main() -> None:
     ap.add_argument("--method", default="fab", help="fab, fab@cnf, fab@published")
     ap.add_argument("--grid", default="cpu", help="whose presets to apply")
     ap.add_argument("--steps", type=int, default=16, help="timed steps after the first (a multiple of 8)")
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (JSON values)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (typed by the Config fields)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    import json
-
     M = methods.get(a.method)
     variant = methods.split_key(a.method)[1]
     over = dict(M.Config.variant(variant, a.target)) if variant else {}
     over.update(M.Config.preset(a.grid, a.target))
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k] = v
+    over.update(config_overrides(M, a.set))
     cfg = M.Config.for_target(a.target, **over)
     ct = CountingTarget(targets.get(a.target))
     m = M(ct, cfg, torch.device("cpu"), torch.Generator().manual_seed(a.seed))

@@ -2,7 +2,7 @@
 
     python scripts/idem_quality.py --target gmm40 --steps 25000 --eval-every 2500 [--set ema_decay=0.999]
 
-Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=json`` overrides.
+Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=value`` overrides (typed by the Config fields).
 Every ``--eval-every`` steps it draws ``--n-eval`` samples and prints one ``EVAL {json}`` line: x-W2 (sqrt of
 ``ot.emd2`` with a squared-Euclidean cost, no alignment), E-W2² (``ot.emd2_1d`` of energies, W2² as DEM
 reports it), GMM-40 modes holding a sample within 3 std, particle TV of interatomic distances (200 bins).
@@ -23,6 +23,7 @@ import torch
 
 import targets
 from harness.budget import CountingTarget
+from harness.grids import config_overrides
 from methods.idem import IDEM, Config
 
 
@@ -61,9 +62,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     over = Config.preset(a.preset, a.target)
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        over[k] = json.loads(v)
+    over.update(config_overrides(IDEM, a.set))
     tgt = targets.get(a.target)
     ct = CountingTarget(tgt)
     cfg = Config.for_target(a.target, **over)

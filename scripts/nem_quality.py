@@ -1,8 +1,8 @@
 """NEM / BNEM quality run outside the harness: one `cpu`-preset cell, as tests/test_nem_quality.py trains it.
 
-    python scripts/nem_quality.py gmm40 bnem --steps 20000 --eval-every 2500 [--seed 0] [--set key=json ...]
+    python scripts/nem_quality.py gmm40 bnem --steps 20000 --eval-every 2500 [--seed 0] [--set key=value ...]
 
-Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=json`` overrides.
+Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=value`` overrides (typed by the Config fields).
 Every ``--eval-every`` steps it draws 1000 samples and prints one ``EVAL {json}`` line with the BNEM-protocol
 metrics (``harness.metrics.evaluate(..., protocol="bnem")`` against 1000 rows of the test and val
 references), the number of samples with E > 30 and the largest energy. The generator state is restored after
@@ -19,6 +19,7 @@ import torch
 
 import targets
 from harness.budget import CountingTarget
+from harness.grids import config_overrides
 from harness.metrics import evaluate
 from methods.nem import BNEM, NEM
 
@@ -37,9 +38,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     M = {"nem": NEM, "bnem": BNEM}[a.method]
     over = M.Config.preset(a.preset, a.target)
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        over[k] = json.loads(v)
+    over.update(config_overrides(M, a.set))
     steps = a.steps or M.Config.suggested_budget(a.preset, a.target)["steps"]
     tgt = targets.get(a.target)
     ct = CountingTarget(tgt)

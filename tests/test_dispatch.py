@@ -8,23 +8,12 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from harness import checkpoint as ck
-from harness import dispatch, job, scoring
+from harness import dispatch, job
 from harness.records import RunSpec
 
 PLUGIN = "tests/conftest.py:register_toy"
-
-
-def _fast_metrics(samples, reference, target, protocol, **opts):
-    s = samples[torch.isfinite(samples).all(1)]
-    return {"x_w2": float((s.double().mean(0) - reference["test"].double().mean(0)).norm())}
-
-
-@pytest.fixture
-def fast_metrics(monkeypatch):
-    monkeypatch.setattr(scoring, "evaluate_metrics", _fast_metrics)
 
 
 def _spec(**kw) -> RunSpec:

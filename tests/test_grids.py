@@ -161,3 +161,16 @@ def test_time_limit_follows_the_wall_clock_budget(toy_method):
     assert ex.time_limit_min(s) == int(-(-1.25 * 3600 // 60) + 10)  # from the guard
     ex = grids.expand("smoke", methods=["toy"], overrides=["budget.wall_seconds=none"])
     assert ex.time_limit_min(ex.specs[0]) == grids.get("smoke").time_limit_min
+
+
+def test_config_overrides_types_values_by_the_config_fields():
+    """The scripts' ``--set key=value``: typed like the CLI's METHOD.KEY=VALUE, errors name what is valid."""
+    from methods.idem import IDEM
+
+    got = grids.config_overrides(IDEM, ["num_mc_samples=50", "lr=1e-3"])
+    assert got == {"num_mc_samples": 50, "lr": 1e-3} and isinstance(got["num_mc_samples"], int)
+    assert grids.config_overrides(IDEM, None) == {}
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        grids.config_overrides(IDEM, ["lr"])
+    with pytest.raises(ValueError, match="valid keys: .*num_mc_samples"):
+        grids.config_overrides(IDEM, ["no_such_field=1"])
