@@ -2,7 +2,8 @@
 
     python scripts/control_quality.py pis --steps 4000 --eval-every 1000 [--set lr=0.002 ...]
 
-Config: the published GMM-40 settings, the ``--preset`` (default ``cpu``), ``--set key=value`` overrides (typed by the Config fields).
+Config: the published GMM-40 settings, the ``--preset`` (default ``cpu``), ``--set key=value``
+overrides (typed by the Config fields).
 Every ``--eval-every`` steps it draws three batches of 1000 samples and prints one ``EVAL {json}`` line: per
 batch the BNEM-protocol x-W2 and E-W2 (``harness.metrics.evaluate(..., protocol="bnem")``; that protocol
 scores both against the **val** split, as BNEM's test loop does, so every batch meets the same first 1000 val

@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--evals", type=float, nargs="*", default=None, help="CPU times to score at")
     ap.add_argument("--n", type=int, default=5000, help="samples scored (boltzbench: 5000)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (typed by the Config fields) for every method")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value, every method")
     a = ap.parse_args()
     torch.set_num_threads(1)
     evals = a.evals or [a.budget]

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--method", default="fab", help="fab, fab@cnf, fab@published")
     ap.add_argument("--grid", default="cpu", help="whose presets to apply")
     ap.add_argument("--steps", type=int, default=16, help="timed steps after the first (a multiple of 8)")
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (typed by the Config fields)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (typed)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)

@@ -2,7 +2,8 @@
 
     python scripts/idem_quality.py --target gmm40 --steps 25000 --eval-every 2500 [--set ema_decay=0.999]
 
-Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=value`` overrides (typed by the Config fields).
+Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=value``
+overrides (typed by the Config fields).
 Every ``--eval-every`` steps it draws ``--n-eval`` samples and prints one ``EVAL {json}`` line: x-W2 (sqrt of
 ``ot.emd2`` with a squared-Euclidean cost, no alignment), E-W2² (``ot.emd2_1d`` of energies, W2² as DEM
 reports it), GMM-40 modes holding a sample within 3 std, particle TV of interatomic distances (200 bins).

@@ -2,7 +2,8 @@
 
     python scripts/nem_quality.py gmm40 bnem --steps 20000 --eval-every 2500 [--seed 0] [--set key=value ...]
 
-Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=value`` overrides (typed by the Config fields).
+Config: the published per-target settings, the ``--preset`` (default ``cpu``), ``--set key=value``
+overrides (typed by the Config fields).
 Every ``--eval-every`` steps it draws 1000 samples and prints one ``EVAL {json}`` line with the BNEM-protocol
 metrics (``harness.metrics.evaluate(..., protocol="bnem")`` against 1000 rows of the test and val
 references), the number of samples with E > 30 and the largest energy. The generator state is restored after
