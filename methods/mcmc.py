@@ -175,22 +175,24 @@ class MCMCConfig(MethodConfig):
             "gmm40": dict(n_chains=50_000),
             "dw4": dict(warmup_steps_per_level=200),
             "lj13": dict(warmup_steps_per_level=300),
-            # LJ-55: 1000 chains (the cpu grids score 200 samples) so the chains can run 20 000 steps in
-            # ~10 CPU-min: 3000 tempered warm-up steps, then 17 000 at beta = 1. The earlier preset (5000
-            # chains, 3000 steps) ended exactly at the end of its warm-up (no main-phase step at all).
-            "lj55": dict(n_chains=1_000, warmup_steps_per_level=300),
+            # LJ-55: 1000 chains (the cpu grids score 200 samples) run 100 000 steps (~7 ms each: ~12
+            # CPU-min): 10 x 1000 tempered warm-up steps (the study's 10 % share), then 90 000 at beta = 1.
+            # The earlier preset (5000 chains, 3000 steps) ended exactly at the end of its warm-up.
+            "lj55": dict(n_chains=1_000, warmup_steps_per_level=1_000),
         },
         # equal-evals-cpu (merged over cpu): LJ-55's budget (2e6 evaluations) would end 1000 chains
-        # inside their warm-up (2000 steps of 3000); 200 chains (the 200 samples scored) run 10 000
-        # steps: 3000 tempered warm-up, 7000 at beta = 1. Chosen from the budget, not from scores.
+        # inside their warm-up (2000 steps of 10 000); 200 chains (the 200 samples scored) with 300-step
+        # levels run 10 000 steps: 3000 tempered warm-up, 7000 at beta = 1. Chosen from the budget, not
+        # from scores.
         # LJ-13 likewise: 5000 chains run 4000 steps of 2e7 (1500 warm-up), instead of 2000 with 10 000.
-        "equal-evals-cpu": {"lj13": dict(n_chains=5_000), "lj55": dict(n_chains=200)},
+        "equal-evals-cpu": {"lj13": dict(n_chains=5_000),
+                            "lj55": dict(n_chains=200, warmup_steps_per_level=300)},
     }
     BUDGETS = {
         # the study's (= iDEM's) step counts; warm-up steps are part of them, as in the study
         "paper": {"*": dict(steps=100_000), "lj55": dict(steps=200_000)},
         "cpu": {"gmm40": dict(steps=500), "dw4": dict(steps=3_000), "*": dict(steps=3_000),
-                "lj55": dict(steps=20_000)},
+                "lj55": dict(steps=100_000)},
     }
 
 
