@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from benchutil import chosen_targets
 
 import targets
 from harness.budget import CountingTarget
@@ -28,16 +29,8 @@ ALL = ("gmm40", "dw4", "lj13", "lj55")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "target_name" not in metafunc.fixturenames:
-        return
-    raw = metafunc.config.getoption("bench_targets", default=None)
-    on_cpu = metafunc.config.getoption("device", default="cpu") == "cpu"
-    if raw is None:
-        chosen = ["gmm40", "dw4"] if on_cpu else list(ALL)
-    else:
-        keys = [k.strip() for k in raw.split(",")]
-        chosen = list(ALL) if raw.strip() == "all" else [k for k in keys if k in ALL]
-    metafunc.parametrize("target_name", chosen)
+    if "target_name" in metafunc.fixturenames:
+        metafunc.parametrize("target_name", chosen_targets(metafunc.config, ALL))
 
 
 def straightforward_score(m: IDEM, x_t: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

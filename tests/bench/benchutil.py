@@ -68,3 +68,19 @@ class PeakRSS:
 def peak_rss() -> Iterator[PeakRSS]:
     with PeakRSS() as p:
         yield p
+
+
+# ------------------------------------------------------------------------------------ target selection
+def chosen_targets(
+    config: Any, every: tuple[str, ...], cpu_default: tuple[str, ...] = ("gmm40", "dw4")
+) -> list[str]:
+    """The targets a paper-settings benchmark runs: ``--bench-targets a,b`` (``all`` = ``every``; unknown keys
+    dropped), else ``cpu_default`` on CPU and ``every`` on CUDA (LJ at paper settings is minutes per call on
+    a CPU)."""
+    raw = config.getoption("bench_targets", default=None)
+    if raw is None:
+        on_cpu = config.getoption("device", default="cpu") == "cpu"
+        return list(cpu_default) if on_cpu else list(every)
+    if raw.strip() == "all":
+        return list(every)
+    return [k.strip() for k in raw.split(",") if k.strip() in every]
