@@ -202,3 +202,20 @@ def test_release_presets_leave_a_main_phase_and_enough_chains(grid):
         assert steps >= 2 * warm, (spec.cell_id, steps, warm)
         n_scored = spec.n_eval_samples or 5000
         assert chains >= n_scored, (spec.cell_id, chains, n_scored)
+
+
+def test_cpu_presets_spend_at_least_the_equal_evals_budget():
+    """A `cpu` MCMC / PT cell is the best these baselines do in a ~20 CPU-min cell, so it never trains on
+    fewer energy evaluations than the same method's `equal-evals-cpu` cell is allowed (EQUAL_EVALS_CPU).
+    Evaluations per step: chains (MCMC), replicas × temperatures (PT). The presets before 2026-12-05 (DW-4
+    MCMC 10 000 chains × 3000 steps = 3e7, GMM-40 50 000 × 500 = 2.5e7, DW-4 PT 4e7, all < 5e7) fail this."""
+    from harness import grids
+
+    for spec in grids.expand("cpu", methods=["mcmc", "pt"]).specs:
+        if spec.method == "mcmc":
+            per_step = MCMCConfig.for_target(spec.target, **spec.config).n_chains
+        else:
+            cfg = PTConfig.for_target(spec.target, **spec.config)
+            per_step = cfg.n_replicas * cfg.n_temps
+        evals = per_step * spec.budget["steps"]
+        assert evals >= grids.EQUAL_EVALS_CPU[spec.target], (spec.cell_id, evals)
