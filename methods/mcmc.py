@@ -191,11 +191,11 @@ class MCMCConfig(MethodConfig):
     BUDGETS = {
         # the study's (= iDEM's) step counts; warm-up steps are part of them, as in the study
         "paper": {"*": dict(steps=100_000), "lj55": dict(steps=200_000)},
-        # cpu: the chains' share of a ~20 CPU-min cell (ms per step measured on one core of the 2-core
-        # machine, records of 2026-12-04): DW-4 100 000 steps (10 000 chains, ~4 ms: ~7 min), LJ-13 40 000
-        # (~18 ms: ~12 min), LJ-55 100 000 (1000 chains, ~7 ms: ~12 min). GMM-40 1000 steps (50 000
-        # chains, ~0.27 s: ~5 min): its mode weights are fixed by the importance-resampled start, more steps
-        # do not move them (500 steps already scored at the noise floor); 1000 keeps the cpu cell's
+        # cpu: sized from the ms per step of the 2026-12-04 records (one core, two cells sharing the
+        # machine) to ~7-12 min: DW-4 100 000 steps (10 000 chains, ~4 ms), LJ-13 40 000 (~18 ms), LJ-55
+        # 100 000 (1000 chains, ~7 ms); the 2026-12-05 runs took 2-5.5 min on a faster host. GMM-40 1000
+        # steps (50 000 chains): its mode weights are fixed by the importance-resampled start, more steps do
+        # not move them (500 steps already scored at the noise floor); 1000 keeps the cpu cell's
         # evaluations (5e7) at least the equal-evals-cpu budget. The earlier 3000 / 500 steps used 0.2-2 min.
         "cpu": {"gmm40": dict(steps=1_000), "dw4": dict(steps=100_000), "lj13": dict(steps=40_000),
                 "lj55": dict(steps=100_000)},
@@ -374,8 +374,8 @@ class PTConfig(MethodConfig):
     }
     BUDGETS = {
         "paper": {"*": dict(steps=100_000)},
-        # cpu: as MCMC's, the replicas' share of a ~20 CPU-min cell: DW-4 100 000 steps (4 x 5000
-        # replicas, ~5 ms: ~8 min), LJ-13 20 000 (~37 ms: ~12 min), LJ-55 40 000. GMM-40 keeps 2000 steps
+        # cpu: sized as MCMC's (2026-12-04 ms per step): DW-4 100 000 steps (4 x 5000 replicas, ~5 ms:
+        # ~8 min), LJ-13 20 000 (~37 ms: ~12 min), LJ-55 40 000. GMM-40 keeps 2000 steps
         # (1e8 evaluations, ~2 min; scored at the noise floor). The earlier 2000 steps left LJ-13's T = 1
         # energies far from the reference (E-W2 6.5 against MCMC's 0.8).
         "cpu": {"*": dict(steps=2_000), "dw4": dict(steps=100_000), "lj13": dict(steps=20_000),
