@@ -178,6 +178,15 @@ def test_cpu_preset_quality():
     assert np.mean(w) <= 5.0, w
 
 
+def _chain_sizes(spec) -> tuple[int, int, int]:
+    """(energy evaluations per step, chains at T = 1, warm-up steps) of an MCMC / PT cell spec."""
+    if spec.method == "mcmc":
+        cfg = MCMCConfig.for_target(spec.target, **spec.config)
+        return cfg.n_chains, cfg.n_chains, cfg.warmup_levels * cfg.warmup_steps_per_level
+    cfg = PTConfig.for_target(spec.target, **spec.config)
+    return cfg.n_replicas * cfg.n_temps, cfg.n_replicas, cfg.burnin_steps
+
+
 @pytest.mark.parametrize("grid", ["cpu", "equal-evals-cpu"])
 def test_release_presets_leave_a_main_phase_and_enough_chains(grid):
     """Every MCMC / PT cell of the release grids runs past its warm-up (MCMC's tempered levels, PT's
@@ -188,13 +197,7 @@ def test_release_presets_leave_a_main_phase_and_enough_chains(grid):
     from harness import grids
 
     for spec in grids.expand(grid, methods=["mcmc", "pt"]).specs:
-        if spec.method == "mcmc":
-            cfg = MCMCConfig.for_target(spec.target, **spec.config)
-            warm = cfg.warmup_levels * cfg.warmup_steps_per_level
-            per_step, chains = cfg.n_chains, cfg.n_chains
-        else:
-            cfg = PTConfig.for_target(spec.target, **spec.config)
-            per_step, chains, warm = cfg.n_replicas * cfg.n_temps, cfg.n_replicas, cfg.burnin_steps
+        per_step, chains, warm = _chain_sizes(spec)
         caps = [spec.budget[k] for k in ("steps",) if spec.budget.get(k)]
         if spec.budget.get("energy_evals"):
             caps.append(spec.budget["energy_evals"] // per_step)
@@ -212,10 +215,5 @@ def test_cpu_presets_spend_at_least_the_equal_evals_budget():
     from harness import grids
 
     for spec in grids.expand("cpu", methods=["mcmc", "pt"]).specs:
-        if spec.method == "mcmc":
-            per_step = MCMCConfig.for_target(spec.target, **spec.config).n_chains
-        else:
-            cfg = PTConfig.for_target(spec.target, **spec.config)
-            per_step = cfg.n_replicas * cfg.n_temps
-        evals = per_step * spec.budget["steps"]
+        evals = _chain_sizes(spec)[0] * spec.budget["steps"]
         assert evals >= grids.EQUAL_EVALS_CPU[spec.target], (spec.cell_id, evals)
